@@ -1,0 +1,252 @@
+"""The typed configuration schema shared by every stage.
+
+Each field carries a docstring (the string literal right below it); ``python -m
+pipeline.config --help-keys`` prints them and the tests check that none is missing.
+The classes are plain dataclasses with defaults, so ``Config()`` is a complete,
+valid configuration (the embedded shapes dataset on a ResNet-50 FPN).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class BackboneConfig:
+    depth: Literal[18, 34, 50, 101] = 50
+    """ResNet depth."""
+    frozen_stages: int = 1
+    """Number of leading stages whose weights are frozen: 0 trains everything, 1 freezes the
+    stem, k freezes the stem and res2..res(k). BatchNorm is always frozen."""
+    fpn_channels: int = 256
+    """Channel width of every FPN level (P2-P6)."""
+
+
+@dataclass
+class AnchorConfig:
+    sizes: list[int] = field(default_factory=lambda: [32, 64, 128, 256, 512])
+    """Anchor size in pixels for each FPN level P2..P6 (one size per level)."""
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    """Anchor aspect ratios (height / width), the same on every level."""
+
+
+@dataclass
+class FocalLossConfig:
+    alpha: float = 0.25
+    """Weight of the positive class in the sigmoid focal loss (negative: no weighting)."""
+    gamma: float = 2.0
+    """Focusing exponent of the sigmoid focal loss."""
+
+
+@dataclass
+class RPNConfig:
+    pre_nms_top_n_train: int = 2000
+    """Proposals kept per level and image before NMS, in training."""
+    pre_nms_top_n_test: int = 1000
+    """Proposals kept per level and image before NMS, in inference."""
+    post_nms_top_n_train: int = 2000
+    """Proposals kept per image after NMS, in training."""
+    post_nms_top_n_test: int = 1000
+    """Proposals kept per image after NMS, in inference."""
+    nms_thresh: float = 0.7
+    """IoU threshold of the proposal NMS."""
+    fg_iou_thresh: float = 0.7
+    """Anchors with IoU at least this with a ground-truth box are positives."""
+    bg_iou_thresh: float = 0.3
+    """Anchors with IoU below this with every ground-truth box are negatives."""
+    batch_size_per_image: int = 256
+    """Anchors sampled per image for the RPN losses."""
+    positive_fraction: float = 0.5
+    """Largest fraction of positives among the sampled anchors."""
+    score_thresh: float = 0.0
+    """Proposals with an objectness probability below this are dropped."""
+    min_size: float = 1e-3
+    """Proposals with a side shorter than this (pixels) are dropped."""
+    objectness_loss: Literal["bce", "focal"] = "bce"
+    """Loss of the objectness classifier: binary cross-entropy or sigmoid focal loss."""
+    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+    """Loss of the anchor box regression."""
+    smooth_l1_beta: float = 1.0 / 9.0
+    """Beta of the smooth-L1 box loss (ignored for l1)."""
+
+
+@dataclass
+class RoIHeadsConfig:
+    fg_iou_thresh: float = 0.5
+    """Proposals with IoU at least this with a ground-truth box are foreground."""
+    bg_iou_thresh: float = 0.5
+    """Proposals with IoU below this are background."""
+    batch_size_per_image: int = 512
+    """Proposals sampled per image for the box head losses."""
+    positive_fraction: float = 0.25
+    """Largest fraction of foreground among the sampled proposals."""
+    score_thresh: float = 0.05
+    """Detections with a class score below this are dropped at inference."""
+    nms_thresh: float = 0.5
+    """IoU threshold of the per-class NMS at inference."""
+    detections_per_image: int = 100
+    """Most detections kept per image at inference."""
+    classifier_loss: Literal["ce", "focal"] = "ce"
+    """Loss of the box classifier: softmax cross-entropy or sigmoid focal loss."""
+    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+    """Loss of the box regression."""
+    smooth_l1_beta: float = 1.0 / 9.0
+    """Beta of the smooth-L1 box loss (ignored for l1)."""
+    box_head_dim: int = 1024
+    """Width of the two fully connected layers of the box head."""
+    mask_head_channels: int = 256
+    """Channels of the four convolutions of the mask head."""
+    pooler_sampling_ratio: int = 2
+    """Sampling points per bin of the RoIAlign poolers (<=0: adaptive)."""
+    pooler_aligned: bool = True
+    """Half-pixel aligned RoIAlign. Models converted from torchvision use False."""
+    pooler_mode: Literal["bilinear", "bicubic"] = "bilinear"
+    """Interpolation of the RoIAlign poolers."""
+
+
+@dataclass
+class InputConfig:
+    min_size_train: list[int] = field(default_factory=lambda: [800])
+    """Shortest-edge sizes for training; one is drawn per image (multi-scale when several)."""
+    max_size_train: int = 1333
+    """Longest-edge bound in training."""
+    min_size_test: int = 800
+    """Shortest-edge size at inference."""
+    max_size_test: int = 1333
+    """Longest-edge bound at inference."""
+    pixel_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """Per-channel mean of 0-1 RGB images, subtracted before the backbone."""
+    pixel_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    """Per-channel standard deviation of 0-1 RGB images."""
+    size_divisibility: int = 32
+    """Batched images are zero-padded to a multiple of this."""
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 4
+    """Number of classes including the background (class 0). Shapes: 3 + 1."""
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    """The ResNet + FPN backbone."""
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    """The RPN anchor generator."""
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    """The region proposal network."""
+    roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
+    """The box and mask heads."""
+    focal: FocalLossConfig = field(default_factory=FocalLossConfig)
+    """Focal-loss parameters, used wherever a focal loss is selected."""
+    weights: str = ""
+    """Checkpoint to initialise the model from (ours, or one from launch/convert_torchvision.py).
+    Empty: random initialisation."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/shapes"
+    """Dataset root used by the demo: images/ and annotations/ as make_shapes writes them."""
+    train_shards: str = "data/shapes/shards/train"
+    """Directory of the training shards (with index.json)."""
+    val_shards: str = "data/shapes/shards/val"
+    """Directory of the validation shards (with index.json)."""
+    images_per_batch: int = 2
+    """Images per batch on each rank."""
+    num_workers: int = 2
+    """Data-loading worker processes per rank."""
+    shuffle_buffer: int = 256
+    """Samples held in the shuffle buffer of the training stream."""
+    epoch_samples: int = 0
+    """Samples each rank draws per epoch; 0: the dataset size divided by the world size."""
+    flip_prob: float = 0.5
+    """Probability of a horizontal flip in training."""
+    seed: int = 0
+    """Seed of the shard and sample order."""
+
+
+@dataclass
+class TrainConfig:
+    max_iter: int = 1000
+    """Optimiser steps in the whole run."""
+    lr: float = 0.02
+    """Base learning rate for 16 images per step; scale it linearly with the global batch."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 1e-4
+    """L2 weight decay (not applied to norms and biases)."""
+    warmup_iters: int = 100
+    """Iterations of linear learning-rate warm-up."""
+    warmup_factor: float = 0.001
+    """Learning-rate factor at the first warm-up iteration."""
+    lr_steps: list[int] = field(default_factory=lambda: [700, 900])
+    """Iterations at which the learning rate is multiplied by gamma."""
+    lr_gamma: float = 0.1
+    """Learning-rate decay factor at each step."""
+    clip_grad_norm: float = 0.0
+    """Clip the gradient norm to this; 0 disables clipping."""
+    amp: bool = False
+    """Mixed precision (bfloat16 autocast) on GPUs."""
+    checkpoint_period: int = 500
+    """Save a checkpoint every this many iterations (and at the end)."""
+    log_period: int = 20
+    """Log losses every this many iterations."""
+    seed: int = 42
+    """Seed of the model initialisation and of every random draw in training."""
+
+
+@dataclass
+class EvalConfig:
+    images_per_batch: int = 2
+    """Images per inference batch on each rank."""
+    iou_types: list[str] = field(default_factory=lambda: ["bbox", "segm"])
+    """COCO metrics to compute."""
+    mask_threshold: float = 0.5
+    """Probability above which a pasted mask pixel is foreground."""
+    weights: str = ""
+    """Checkpoint to evaluate; empty: the last checkpoint of output_dir."""
+
+
+@dataclass
+class DistributedConfig:
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    """Data-parallel engine."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend; auto picks nccl with GPUs and gloo without."""
+    zero_stage: Literal[0, 1, 2] = 1
+    """DeepSpeed ZeRO stage (deepspeed strategy only)."""
+    timeout_s: int = 1800
+    """Collective timeout in seconds; a dead rank fails the job after at most this."""
+    find_unused_parameters: bool = False
+    """DDP's find_unused_parameters."""
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    """Log params, metrics and artifacts to MLflow (rank 0 only)."""
+    uri: str = ""
+    """MLflow tracking URI; empty: MLFLOW_TRACKING_URI, else a SQLite store in output_dir."""
+    experiment: str = "maskrcnn"
+    """MLflow experiment name."""
+    run_name: str = ""
+    """MLflow run name; empty: derived from the stage and the time."""
+
+
+@dataclass
+class Config:
+    output_dir: str = "outputs/run"
+    """Directory for checkpoints, logs, the resolved config and evaluation results."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The Mask R-CNN model."""
+    input: InputConfig = field(default_factory=InputConfig)
+    """Image resizing and normalisation, shared by the loader and the model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Datasets and loaders."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training schedule."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Multi-process settings."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking."""
