@@ -1,0 +1,1 @@
+"""Mask R-CNN pipeline: config, data, modeling, engine (train), evaluation, tracking."""
