@@ -14,6 +14,7 @@ from .schema import Config
 def build_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("config", nargs="?", help="YAML config file (may inherit via _base_)")
+    parser.add_argument("--config", dest="config_flag", metavar="FILE", help="same as CONFIG")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=0.02"
     )
@@ -26,8 +27,14 @@ def parse_config_args(
     """Parse ``FILE [key=value ...]``; on a config error print one line and exit with 2."""
     args = build_parser(description).parse_args(argv)
     config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:  # no file, only overrides
+    if config is not None and "=" in config:  # no positional file, only overrides
         config, overrides = None, [config, *overrides]
+    if args.config_flag is not None:
+        if config is not None:
+            build_parser(description).error(
+                "give the config file once, positionally or by --config"
+            )
+        config = args.config_flag
     try:
         return load_config(config, overrides), args
     except ConfigError as exc:

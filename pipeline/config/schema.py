@@ -150,8 +150,6 @@ class DataConfig:
     """Directory of the training shards (with index.json)."""
     val_shards: str = "data/shapes/shards/val"
     """Directory of the validation shards (with index.json)."""
-    images_per_batch: int = 2
-    """Images per batch on each rank."""
     num_workers: int = 2
     """Data-loading worker processes per rank."""
     shuffle_buffer: int = 256
@@ -166,7 +164,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_iter: int = 1000
+    output_dir: str = "outputs/run"
+    """Directory for checkpoints, logs, the resolved config and evaluation results."""
+    batch_size: int = 2
+    """Images per step on each process; the global batch is this times the world size."""
+    max_steps: int = 1000
     """Optimiser steps in the whole run."""
     lr: float = 0.02
     """Base learning rate for 16 images per step; scale it linearly with the global batch."""
@@ -186,9 +188,9 @@ class TrainConfig:
     """Clip the gradient norm to this; 0 disables clipping."""
     amp: bool = False
     """Mixed precision (bfloat16 autocast) on GPUs."""
-    checkpoint_period: int = 500
+    checkpoint_every: int = 500
     """Save a checkpoint every this many iterations (and at the end)."""
-    log_period: int = 20
+    log_every: int = 20
     """Log losses every this many iterations."""
     seed: int = 42
     """Seed of the model initialisation and of every random draw in training."""
@@ -196,7 +198,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    images_per_batch: int = 2
+    batch_size: int = 2
     """Images per inference batch on each rank."""
     iou_types: list[str] = field(default_factory=lambda: ["bbox", "segm"])
     """COCO metrics to compute."""
@@ -234,8 +236,6 @@ class TrackingConfig:
 
 @dataclass
 class Config:
-    output_dir: str = "outputs/run"
-    """Directory for checkpoints, logs, the resolved config and evaluation results."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The Mask R-CNN model."""
     input: InputConfig = field(default_factory=InputConfig)

@@ -109,12 +109,12 @@ def test_unknown_leaf_under_known_section_suggests_a_sibling():
 
 
 def test_bad_type_names_key_file_and_expected_type(tmp_path):
-    bad = write(tmp_path / "bad.yaml", "train:\n  max_iter: lots\n")
+    bad = write(tmp_path / "bad.yaml", "train:\n  max_steps: lots\n")
     with pytest.raises(ConfigError) as err:
         load_config(bad)
     message = str(err.value)
     assert message.startswith(str(bad))
-    assert "train.max_iter expects an integer, got 'lots'" in message
+    assert "train.max_steps expects an integer, got 'lots'" in message
 
 
 @pytest.mark.parametrize(
@@ -122,7 +122,7 @@ def test_bad_type_names_key_file_and_expected_type(tmp_path):
     [
         ("train.lr=abc", "train.lr expects a number"),
         ("train.amp=3", "train.amp expects true or false"),
-        ("train.max_iter=1.5", "train.max_iter expects an integer"),
+        ("train.max_steps=1.5", "train.max_steps expects an integer"),
         ("model.backbone.depth=42", "model.backbone.depth expects one of 18, 34, 50, 101"),
         ("train.lr_steps=5", "train.lr_steps expects a list"),
         ("train=3", "train expects a mapping"),
@@ -206,3 +206,18 @@ def test_cli_error_is_one_line():
         "config error: command line: unknown key 'train.lrr' (did you mean 'train.lr'?)"
     ]
     assert result.stdout == ""
+
+
+def test_entry_point_parsing_accepts_positional_or_flag():
+    from pipeline.config import parse_config_args
+
+    path = str(REPO / "configs" / "shapes_r18_cpu.yaml")
+    by_position, _ = parse_config_args([path, "train.lr=0.5"])
+    by_flag, _ = parse_config_args(["--config", path, "train.lr=0.5"])
+    only_overrides, _ = parse_config_args(["train.lr=0.5"])
+    assert by_position == by_flag
+    assert by_flag.train.lr == 0.5 and by_flag.model.backbone.depth == 18
+    assert only_overrides.model.backbone.depth == 50
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config_args(["--config", path, "train.nope=1"])
+    assert exit_info.value.code == 2
