@@ -1,0 +1,5 @@
+"""Experiment tracking (MLflow) shared by the shard, train and eval stages."""
+
+from .mlflow_tracker import Tracker, build_tracker, flatten, git_commit, resolve_tracking_uri
+
+__all__ = ["Tracker", "build_tracker", "flatten", "git_commit", "resolve_tracking_uri"]
