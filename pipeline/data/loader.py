@@ -18,8 +18,9 @@ Training (``ShardTrainLoader``): equal batches on every rank, always.
     (undecoded) samples of the batches already consumed, so the next batch is bit-identical
     to the one an uninterrupted run would have produced. (One exception: a sample that is
     read from its tar but fails to DECODE is replaced by the next one; fast-forwarding does
-    not decode, so such a failure inside the skipped batches shifts the restored stream.) Per-sample augmentation draws
-    (flip, scale) come from an RNG seeded by the sample's position, not by a running RNG.
+    not decode, so such a failure inside the skipped batches shifts the restored stream.)
+    Per-sample augmentation draws (flip, scale) come from an RNG seeded by the sample's
+    position, not by a running RNG.
 
 Evaluation (``ShardEvalLoader``): every sample exactly once across ranks.
     Sample g (global index in manifest order: shard by shard, then position in the shard)
