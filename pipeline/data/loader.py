@@ -3,9 +3,10 @@
 Training (``ShardTrainLoader``): equal batches on every rank, always.
     Each rank draws ``batches_per_epoch = ceil(S / batch_size)`` batches per epoch, where S
     is ``epoch_samples`` or ``ceil(total_samples / world_size)``, whatever the shards hold.
-    Batch i of an epoch is built by DataLoader worker ``i % num_workers`` (its
+    Batch i of an epoch is built by (logical) worker ``i % num_workers`` (its
     ``i // num_workers``-th batch), which is exactly how the DataLoader's round robin
-    interleaves workers, so worker w makes ``nb // W + (w < nb % W)`` batches. Every worker
+    interleaves workers, so worker w makes ``nb // W + (w < nb % W)`` batches. (On a
+    restore mid-epoch, DataLoader process p plays worker ``(p + start) % W``.) Every worker
     reads an infinite stream: shards drawn with replacement (weighted by their sample counts)
     from ALL shards, by an RNG seeded with (seed, epoch, rank, worker), through a shuffle
     buffer. No worker is ever empty (fewer shards than ranks x workers is fine), no rank runs
@@ -68,12 +69,24 @@ class CountingHandler:
         return True
 
 
+class ShardShortError(OSError):
+    def __init__(self, shard: ShardInfo, count: int):
+        super().__init__(
+            f"{count} of {shard.samples} samples readable (truncated or damaged)", shard.path
+        )
+
+
 def shard_samples(shard: ShardInfo, handler: CountingHandler) -> Iterator[dict]:
     """The raw samples of one shard (dicts of extension -> bytes); errors go to handler."""
     source = [{"url": shard.path}]
+    count = 0
     for sample in wds.tariterators.tarfile_samples(source, handler=handler):
         sample["__url__"] = shard.path
+        count += 1
         yield sample
+    if count < shard.samples:
+        # tarfile takes a cut inside a header block for the end of the archive: no error.
+        handler(ShardShortError(shard, count))
 
 
 def resampled_stream(shards, rng: random.Random, handler: CountingHandler) -> Iterator[dict]:
@@ -123,7 +136,10 @@ class TrainEpoch(IterableDataset):
 
     def __iter__(self):
         ld = self.loader
-        worker, workers = worker_identity()
+        process, workers = worker_identity()
+        # The DataLoader's round robin always starts at process 0, and batch ``start_batch``
+        # belongs to worker ``start_batch % workers``: rotate the roles to match.
+        worker = (process + self.start_batch) % workers
         total = ld.batches_per_epoch
         mine = total // workers + (worker < total % workers)
         # Batches i < start_batch with i % workers == worker were consumed already.
@@ -322,13 +338,16 @@ class ShardEvalLoader:
             }
             if not wanted:
                 continue  # skip the shard without reading it
-            last = max(wanted)
+            last, found = max(wanted), 0
             for position, sample in enumerate(shard_samples(shard, handler)):
                 global_index = offset + position
                 if global_index in wanted:
+                    found += 1
                     yield global_index, sample
                 if global_index >= last:
                     break
+            if found < len(wanted):
+                handler(OSError(f"{len(wanted) - found} evaluation samples missing", shard.path))
 
     def example(self, sample: dict):
         return make_example(

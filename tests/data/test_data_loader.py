@@ -1,0 +1,183 @@
+import json
+import logging
+import tarfile
+
+import pytest
+import torch
+from conftest import TRAIN_IMAGES, VAL_IMAGES, load_json
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from pipeline.config import Config
+from pipeline.data.loader import (
+    ShardEvalLoader,
+    ShardTrainLoader,
+    build_train_loader,
+    build_val_loader,
+)
+from pipeline.data.transforms import make_example, resized_size
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning"),
+]
+
+
+def train_loader(shards, **overrides) -> ShardTrainLoader:
+    options = dict(
+        rank=0, world_size=1, batch_size=2, num_workers=0, min_sizes=[64, 80], max_size=120,
+        shuffle_buffer=8, seed=5,
+    )  # fmt: skip
+    options.update(overrides)
+    return ShardTrainLoader(str(shards), **options)
+
+
+def assert_batches_equal(a, b):
+    (images_a, targets_a), (images_b, targets_b) = a, b
+    assert len(images_a) == len(images_b)
+    for x, y in zip(images_a, images_b, strict=True):
+        assert torch.equal(x, y)
+    for x, y in zip(targets_a, targets_b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key]) if torch.is_tensor(x[key]) else x[key] == y[key]
+
+
+def first_raw_sample(shards):
+    index = load_json(shards / "index.json")
+    with tarfile.open(shards / index["shards"][0]["file"]) as tar:
+        members = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()[:2]}
+    return {"__key__": "x", **members}
+
+
+def test_targets_follow_torchvision_convention_and_flip_mirrors_boxes(train_shards):
+    sample = first_raw_sample(train_shards)
+    record = json.loads(sample["json"])
+    categories = {1: 1, 2: 2, 3: 3}
+    plain = make_example(sample, coco_to_contiguous=categories, min_size=80, max_size=120,
+                         flip=False)  # fmt: skip
+    flipped = make_example(sample, coco_to_contiguous=categories, min_size=80, max_size=120,
+                           flip=True)  # fmt: skip
+    image, target = plain
+    height, width = image.shape[-2:]
+    assert image.dtype == torch.float32 and image.shape[0] == 3
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert (height, width) == resized_size(record["height"], record["width"], 80, 120)
+    n = len(record["annotations"])
+    assert n > 0
+    assert target["boxes"].shape == (n, 4) and target["boxes"].dtype == torch.float32
+    assert target["labels"].dtype == torch.int64 and set(target["labels"].tolist()) <= {1, 2, 3}
+    assert target["masks"].shape == (n, height, width) and target["masks"].dtype == torch.uint8
+    assert target["image_id"] == record["image_id"]
+    assert target["orig_size"] == (record["height"], record["width"])
+    for box, mask in zip(target["boxes"], target["masks"], strict=True):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert xs.min() >= box[0] - 1 and xs.max() <= box[2] + 1
+        assert ys.min() >= box[1] - 1 and ys.max() <= box[3] + 1
+    mirrored = torch.stack([width - target["boxes"][:, 2], target["boxes"][:, 1],
+                            width - target["boxes"][:, 0], target["boxes"][:, 3]], 1)  # fmt: skip
+    torch.testing.assert_close(flipped[1]["boxes"], mirrored)
+    torch.testing.assert_close(flipped[0], image.flip(-1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("min_size", "max_size"), [(800, 1333), (64, 120), (256, 320)])
+def test_model_resize_of_a_loader_image_keeps_its_size(min_size, max_size):
+    model_transform = GeneralizedRCNNTransform(min_size, max_size, [0.0] * 3, [1.0] * 3).eval()
+    for height, width in [(180, 161), (180, 601), (97, 131), (640, 480), (333, 500), (75, 96)]:
+        size = resized_size(height, width, min_size, max_size)
+        image, _ = model_transform.resize(torch.zeros(3, *size), None)
+        assert tuple(image.shape[-2:]) == size, (height, width)
+
+
+def test_every_rank_gets_the_same_batches_with_uneven_shards(train_shards):
+    assert len(load_json(train_shards / "index.json")["shards"]) == 5  # 5 shards, 3 ranks
+    counts = []
+    for rank in range(3):
+        loader = train_loader(train_shards, rank=rank, world_size=3, num_workers=2)
+        batches = list(loader)
+        assert all(len(images) == 2 and len(targets) == 2 for images, targets in batches)
+        counts.append(len(batches))
+        assert len(batches) == len(loader)
+        assert loader.state_dict()["epoch"] == 1
+    assert counts == [4, 4, 4]  # ceil(ceil(23 / 3) / 2)
+
+
+def test_more_workers_than_shards_and_epoch_samples(train_shards):
+    # 8 ranks x 2 workers = 16 streams over 5 shards; 9 samples -> 5 batches of 2
+    loader = train_loader(train_shards, world_size=8, rank=7, num_workers=2, epoch_samples=9)
+    assert len(list(loader)) == len(loader) == 5
+
+
+def test_eval_sees_every_sample_exactly_once_across_ranks(val_shards):
+    seen = []
+    for rank in range(2):
+        loader = ShardEvalLoader(str(val_shards), rank=rank, world_size=2, batch_size=2,
+                                 num_workers=2, min_size=64, max_size=120)  # fmt: skip
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        for images, targets in batches:
+            for image, target in zip(images, targets, strict=True):
+                assert min(image.shape[-2:]) == 64 or max(image.shape[-2:]) == 120
+                seen.append(target["image_id"])
+    assert sorted(seen) == list(range(1, VAL_IMAGES + 1))
+
+
+def test_order_is_deterministic_and_restore_gives_the_same_next_batch(train_shards):
+    reference = train_loader(train_shards, num_workers=2, epoch_samples=12)
+    epoch0 = list(reference)
+    epoch1 = list(reference)
+    assert len(epoch0) == len(reference) == 6
+    again = list(train_loader(train_shards, num_workers=2, epoch_samples=12))
+    for a, b in zip(epoch0, again, strict=True):
+        assert_batches_equal(a, b)
+    assert [t["image_id"] for _, ts in epoch0 for t in ts] != [
+        t["image_id"] for _, ts in epoch1 for t in ts
+    ]  # a new epoch, a new order
+
+    interrupted = train_loader(train_shards, num_workers=2, epoch_samples=12)
+    for consumed, _batch in enumerate(interrupted, start=1):
+        if consumed == 3:
+            break
+    state = interrupted.state_dict()
+    assert state["epoch"] == 0 and state["batches_done"] == 3
+    restored = train_loader(train_shards, num_workers=2, epoch_samples=12)
+    restored.load_state_dict(state)
+    rest = list(restored)
+    assert len(rest) == 3
+    for a, b in zip(epoch0[3:], rest, strict=True):
+        assert_batches_equal(a, b)
+    assert_batches_equal(next(iter(restored)), epoch1[0])
+
+
+def test_restore_refuses_a_state_from_another_layout(train_shards):
+    state = train_loader(train_shards).state_dict()
+    with pytest.raises(ValueError, match="world_size"):
+        train_loader(train_shards, world_size=2).load_state_dict(state)
+
+
+def test_corrupt_and_truncated_shards_are_skipped_and_training_flows(shard_copy, caplog):
+    truncated = shard_copy / "shard-000001.tar"
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2 + 100])
+    (shard_copy / "shard-000003.tar").write_bytes(b"\x00garbage" * 500)
+    loader = train_loader(shard_copy, epoch_samples=60)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
+        batches = list(loader)
+    assert len(batches) == 30
+    assert all(len(images) == 2 for images, _ in batches)
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "shard-000001.tar" in messages and "shard-000003.tar" in messages
+    assert "errors so far" in messages
+
+
+def test_build_functions_map_the_config(train_shards, val_shards):
+    cfg = Config()
+    cfg.data.train_shards, cfg.data.val_shards = str(train_shards), str(val_shards)
+    cfg.data.num_workers, cfg.train.batch_size, cfg.eval.batch_size = 0, 3, 4
+    cfg.input.min_size_train, cfg.input.max_size_train = [64], 100
+    train = build_train_loader(cfg, rank=1, world_size=2)
+    assert (train.rank, train.world_size, train.batch_size, train.max_size) == (1, 2, 3, 100)
+    assert len(train) == 4  # ceil(ceil(23 / 2) / 3)
+    val = build_val_loader(cfg, rank=0, world_size=1)
+    assert len(val) == 3 and val.manifest.total_samples == VAL_IMAGES
+    assert train.manifest.total_samples == TRAIN_IMAGES
+    assert train.manifest.class_names == ["__background__", "circle", "square", "triangle"]
