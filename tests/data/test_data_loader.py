@@ -60,7 +60,7 @@ def test_targets_follow_torchvision_convention_and_flip_mirrors_boxes(train_shar
     image, target = plain
     height, width = image.shape[-2:]
     assert image.dtype == torch.float32 and image.shape[0] == 3
-    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert image.min() >= 0.0 and image.max() <= 1.0
     assert (height, width) == resized_size(record["height"], record["width"], 80, 120)
     n = len(record["annotations"])
     assert n > 0
