@@ -1,0 +1,94 @@
+"""Pasting of the per-detection mask probabilities into the full image, vectorised.
+
+The geometry is torchvision's ``paste_masks_in_image`` (masks padded by one zero pixel, boxes
+expanded to match and truncated to integers, bilinear resize to the box size with
+``align_corners=False``), but instead of a Python loop resizing one mask at a time, all masks of
+a chunk are resized at once with two batched matrix products (bilinear interpolation is
+separable: ``crop = Wy @ mask @ Wx^T``) into crops of the largest box size of the chunk, which
+are then scattered into their boxes of the zero-filled output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Bound on the temporaries (crops and their scatter indices) of one chunk of masks.
+DEFAULT_CHUNK_BYTES = 256 << 20
+
+
+def _interpolation_matrix(offsets: Tensor, lengths: Tensor, in_size: int, out_size: int) -> Tensor:
+    """[N, out_size, in_size] bilinear (align_corners=False) weights resizing a signal of
+    ``in_size`` samples to ``lengths[n]`` samples, for output samples ``offsets[n] + i``,
+    i < out_size; samples outside [0, lengths[n]) get zero weights."""
+    device = lengths.device
+    lengths_f = lengths.to(torch.float32)[:, None]
+    scale = in_size / lengths_f  # torch's area_pixel_compute_scale for a given output size
+    dst = (offsets[:, None] + torch.arange(out_size, device=device)[None, :]).to(torch.float32)
+    src = (scale * (dst + 0.5) - 0.5).clamp(min=0)
+    lo = src.floor().clamp(max=in_size - 1)
+    frac = src - lo
+    lo_idx = lo.to(torch.int64)
+    hi_idx = (lo_idx + 1).clamp(max=in_size - 1)
+    weights = torch.zeros(lengths.shape[0], out_size, in_size, device=device)
+    weights.scatter_add_(2, lo_idx[..., None], (1 - frac)[..., None])
+    weights.scatter_add_(2, hi_idx[..., None], frac[..., None])
+    inside = (dst >= 0) & (dst < lengths_f)
+    return weights * inside[..., None]
+
+
+def paste_masks_in_image(
+    masks: Tensor,
+    boxes: Tensor,
+    image_size: Sequence[int],
+    padding: int = 1,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Tensor:
+    """Paste ``masks`` [N, 1, M, M] (probabilities inside ``boxes`` [N, 4], xyxy in the target
+    image) into [N, 1, H, W] images of ``image_size`` (H, W)."""
+    height, width = int(image_size[0]), int(image_size[1])
+    num = masks.shape[0]
+    out = masks.new_zeros((num, 1, height, width))
+    if num == 0:
+        return out
+    m = masks.shape[-1]
+    padded = F.pad(masks[:, 0], (padding,) * 4)  # [N, M+2p, M+2p]
+    scale = float(m + 2 * padding) / m
+    half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
+    half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    ctr_x = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    ctr_y = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    int_boxes = torch.stack(
+        (ctr_x - half_w, ctr_y - half_h, ctr_x + half_w, ctr_y + half_h), dim=1
+    ).to(torch.int64)
+    x0, y0 = int_boxes[:, 0], int_boxes[:, 1]
+    box_w = (int_boxes[:, 2] - x0 + 1).clamp(min=1)
+    box_h = (int_boxes[:, 3] - y0 + 1).clamp(min=1)
+    # Each crop covers the part of its box inside the image; a chunk's crops share the largest
+    # such size.
+    crop_x0, crop_y0 = x0.clamp(0, width), y0.clamp(0, height)
+    crop_w = ((x0 + box_w).clamp(max=width) - crop_x0).clamp(min=0)
+    crop_h = ((y0 + box_h).clamp(max=height) - crop_y0).clamp(min=0)
+    max_h, max_w = max(1, int(crop_h.max())), max(1, int(crop_w.max()))
+    # Temporaries per element: the crop (float32) and its scatter index (int64).
+    chunk = max(1, max_chunk_bytes // (max_h * max_w * 12))
+    out_flat = out.view(-1)
+    for start in range(0, num, chunk):
+        sl = slice(start, start + chunk)
+        rows = _interpolation_matrix(crop_y0[sl] - y0[sl], box_h[sl], padded.shape[-1], max_h)
+        cols = _interpolation_matrix(crop_x0[sl] - x0[sl], box_w[sl], padded.shape[-1], max_w)
+        crops = torch.bmm(torch.bmm(rows, padded[sl]), cols.transpose(1, 2))  # [n, max_h, max_w]
+        offs_y = torch.arange(max_h, device=masks.device)
+        offs_x = torch.arange(max_w, device=masks.device)
+        valid = (offs_y[None, :, None] < crop_h[sl, None, None]) & (
+            offs_x[None, None, :] < crop_w[sl, None, None]
+        )
+        image = torch.arange(start, start + crops.shape[0], device=masks.device)
+        ys = crop_y0[sl, None] + offs_y[None, :]
+        xs = crop_x0[sl, None] + offs_x[None, :]
+        flat_index = (image[:, None, None] * height + ys[:, :, None]) * width + xs[:, None, :]
+        out_flat[flat_index[valid]] = crops[valid]
+    return out
