@@ -43,7 +43,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .manifest import ShardInfo, ShardManifest, read_manifest
-from .transforms import collate, make_example
+from .transforms import collate, make_example, to_float
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +223,9 @@ class ShardTrainLoader:
 
     def __iter__(self):
         epoch_data = TrainEpoch(self, self.epoch, self.batches_done)
-        for batch in make_dataloader(epoch_data, self.num_workers, self.batch_size):
+        for images, targets in make_dataloader(epoch_data, self.num_workers, self.batch_size):
             self.batches_done += 1
-            yield batch
+            yield to_float(images), targets
         self.epoch += 1
         self.batches_done = 0
 
@@ -359,7 +359,10 @@ class ShardEvalLoader:
         )
 
     def __iter__(self):
-        yield from make_dataloader(EvalSamples(self), self.num_workers, self.batch_size)
+        for images, targets in make_dataloader(
+            EvalSamples(self), self.num_workers, self.batch_size
+        ):
+            yield to_float(images), targets
 
 
 def build_train_loader(cfg, rank: int, world_size: int) -> ShardTrainLoader:

@@ -5,6 +5,7 @@ import tarfile
 import pytest
 import torch
 from conftest import TRAIN_IMAGES, VAL_IMAGES, load_json
+from pycocotools import mask as mask_utils
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from pipeline.config import Config
@@ -14,7 +15,7 @@ from pipeline.data.loader import (
     build_train_loader,
     build_val_loader,
 )
-from pipeline.data.transforms import make_example, resized_size
+from pipeline.data.transforms import make_example, resize_masks_nearest, resized_size
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
@@ -59,8 +60,7 @@ def test_targets_follow_torchvision_convention_and_flip_mirrors_boxes(train_shar
                            flip=True)  # fmt: skip
     image, target = plain
     height, width = image.shape[-2:]
-    assert image.dtype == torch.float32 and image.shape[0] == 3
-    assert image.min() >= 0.0 and image.max() <= 1.0
+    assert image.dtype == torch.uint8 and image.shape[0] == 3  # to_float in the main process
     assert (height, width) == resized_size(record["height"], record["width"], 80, 120)
     n = len(record["annotations"])
     assert n > 0
@@ -76,7 +76,27 @@ def test_targets_follow_torchvision_convention_and_flip_mirrors_boxes(train_shar
     mirrored = torch.stack([width - target["boxes"][:, 2], target["boxes"][:, 1],
                             width - target["boxes"][:, 0], target["boxes"][:, 3]], 1)  # fmt: skip
     torch.testing.assert_close(flipped[1]["boxes"], mirrored)
-    torch.testing.assert_close(flipped[0], image.flip(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flipped[0].float(), image.flip(-1).float(), atol=1, rtol=0)
+    source = torch.stack(
+        [torch.from_numpy(mask_utils.decode(a["segmentation"])) for a in record["annotations"]]
+    )
+    expected = torch.nn.functional.interpolate(source.flip(-1)[None], size=(height, width))[0]
+    assert torch.equal(flipped[1]["masks"], expected)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize(("size", "new_size"), [((60, 45), (97, 80)), ((97, 131), (64, 71))])
+def test_mask_resize_equals_nearest_interpolation(size, new_size, flip):
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.zeros((3, *size), dtype=torch.uint8)
+    masks[0, 5:30, 8:20] = 1
+    masks[1] = torch.randint(0, 2, size, generator=generator, dtype=torch.uint8)
+    masks[1, :, : size[1] // 2] = 0  # mask 2 stays empty
+    source = masks.flip(-1) if flip else masks
+    expected = torch.nn.functional.interpolate(source[None], size=new_size, mode="nearest")[0]
+    assert torch.equal(resize_masks_nearest(masks, *new_size, flip=flip), expected)
+    view = masks.transpose(1, 2).contiguous().transpose(1, 2)  # as decode_masks returns them
+    assert torch.equal(resize_masks_nearest(view, *new_size, flip=flip), expected)
 
 
 @pytest.mark.parametrize(("min_size", "max_size"), [(800, 1333), (64, 120), (256, 320)])
@@ -95,6 +115,8 @@ def test_every_rank_gets_the_same_batches_with_uneven_shards(train_shards):
         loader = train_loader(train_shards, rank=rank, world_size=3, num_workers=2)
         batches = list(loader)
         assert all(len(images) == 2 and len(targets) == 2 for images, targets in batches)
+        for image in batches[0][0]:
+            assert image.dtype == torch.float32 and 0.0 <= image.min() <= image.max() <= 1.0
         counts.append(len(batches))
         assert len(batches) == len(loader)
         assert loader.state_dict()["epoch"] == 1
