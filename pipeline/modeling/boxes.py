@@ -141,10 +141,11 @@ class ProposalMatcher:
                 (num_candidates,), BELOW_LOW_THRESHOLD, dtype=torch.int64, device=candidates.device
             )
         chunk = max(1, self.max_chunk_elements // gt_boxes.shape[0])
-        matched_vals = []
-        matches = []
+        matched_vals, matches = [], []
         best_iou_per_gt = None
-        single_chunk_iou = None
+        # (gt, candidate, iou) where the candidate is the gt's best within its chunk; the
+        # global best ones are picked at the end, so no second pass over the IoUs is needed.
+        chunk_best_pairs = []
         for start in range(0, num_candidates, chunk):
             iou = box_iou(gt_boxes, candidates[start : start + chunk])  # [G, c]
             vals, idxs = iou.max(dim=0)
@@ -157,8 +158,9 @@ class ProposalMatcher:
                     if best_iou_per_gt is None
                     else torch.max(best_iou_per_gt, chunk_best)
                 )
-            if num_candidates <= chunk:
-                single_chunk_iou = iou
+                # IoU-0 "best matches" are recovered below; recording them could be huge.
+                gt_idx, cand_idx = torch.where((iou == chunk_best[:, None]) & (iou > 0))
+                chunk_best_pairs.append((gt_idx, cand_idx + start, iou[gt_idx, cand_idx]))
         matched_vals_t = torch.cat(matched_vals)
         all_matches = torch.cat(matches)
         result = all_matches.clone()
@@ -168,18 +170,22 @@ class ProposalMatcher:
         if self.allow_low_quality_matches:
             # Candidates that are some ground-truth box's best match keep their (argmax) match,
             # even below the thresholds, as torchvision does.
-            if single_chunk_iou is not None:
-                is_best = (single_chunk_iou == best_iou_per_gt[:, None]).any(dim=0)
-            else:
-                is_best = torch.cat(
+            gt_idx = torch.cat([p[0] for p in chunk_best_pairs])
+            cand_idx = torch.cat([p[1] for p in chunk_best_pairs])
+            values = torch.cat([p[2] for p in chunk_best_pairs])
+            best = cand_idx[values == best_iou_per_gt[gt_idx]]
+            if (best_iou_per_gt == 0).any():
+                # A ground-truth box overlapping no candidate: torchvision keeps every candidate
+                # with IoU 0 to it, i.e. those whose IoU with it is 0.
+                untouched = gt_boxes[best_iou_per_gt == 0]
+                zero = torch.cat(
                     [
-                        (
-                            box_iou(gt_boxes, candidates[s : s + chunk]) == best_iou_per_gt[:, None]
-                        ).any(dim=0)
+                        (box_iou(untouched, candidates[s : s + chunk]) == 0).any(dim=0)
                         for s in range(0, num_candidates, chunk)
                     ]
                 )
-            result[is_best] = all_matches[is_best]
+                best = torch.cat([best, torch.where(zero)[0]])
+            result[best] = all_matches[best]
         return result
 
 

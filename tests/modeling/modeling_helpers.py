@@ -1,0 +1,109 @@
+"""Shared helpers of the model tests: a torchvision Mask R-CNN whose random weights give many
+detections, smooth test images, a detection-by-detection comparison and a synthetic batch.
+(A uniquely named module, not conftest.py: tests/data imports its own ``conftest``.)"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def make_torchvision_maskrcnn(
+    num_classes: int = 91, seed: int = 0, min_size: int = 256, max_size: int = 320
+) -> torch.nn.Module:
+    """torchvision's maskrcnn_resnet50_fpn, seeded random init, in eval mode.
+
+    BatchNorm statistics are randomised (so folding them into the convolutions is exercised)
+    and the box classifier is scaled so that many proposals pass the 0.05 score threshold with
+    well-separated scores and varied labels: a plain random init gives almost no detections.
+    """
+    torch.manual_seed(seed)
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None,
+        weights_backbone=None,
+        num_classes=num_classes,
+        min_size=min_size,
+        max_size=max_size,
+    )
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.0)
+                module.bias.uniform_(-0.1, 0.1)
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+        predictor = model.roi_heads.box_predictor
+        predictor.cls_score.weight.mul_(30.0)
+        predictor.cls_score.bias[1 : min(6, num_classes)] += 4.0
+        predictor.bbox_pred.weight.mul_(5.0)
+    return model.eval()
+
+
+def smooth_images(sizes: list[tuple[int, int]], seed: int = 1) -> list[torch.Tensor]:
+    """[3, H, W] 0-1 images of low-frequency noise (upsampled), one per size."""
+    generator = torch.Generator().manual_seed(seed)
+    images = []
+    for height, width in sizes:
+        coarse = torch.rand(1, 3, max(1, height // 8), max(1, width // 8), generator=generator)
+        images.append(
+            torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear")[0]
+        )
+    return images
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Per-detection IoU of binarised [N, 1, H, W] masks (1 where both are empty)."""
+    a, b = a[:, 0] > threshold, b[:, 0] > threshold
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+
+
+def assert_same_detections(
+    expected: dict[str, torch.Tensor],
+    actual: dict[str, torch.Tensor],
+    min_count: int = 20,
+    box_tol: float = 1e-3,
+    score_tol: float = 1e-5,
+    min_mask_iou: float = 0.99,
+) -> None:
+    """Same detections up to the order of (near-)equal scores: each expected detection is
+    paired with the actual one of the same label with the closest box."""
+    count = len(expected["boxes"])
+    assert count >= min_count, f"only {count} detections: the test would compare too little"
+    assert len(actual["boxes"]) == count
+    distance = (expected["boxes"][:, None] - actual["boxes"][None]).abs().amax(-1)
+    distance[expected["labels"][:, None] != actual["labels"][None]] = float("inf")
+    pairing = distance.argmin(1)
+    assert torch.equal(pairing.sort().values, torch.arange(count)), "detections do not pair up"
+    assert distance[torch.arange(count), pairing].max() <= box_tol
+    torch.testing.assert_close(
+        actual["scores"][pairing], expected["scores"], atol=score_tol, rtol=0
+    )
+    assert torch.equal(actual["labels"][pairing], expected["labels"])
+    assert actual["masks"].shape == expected["masks"].shape
+    assert mask_iou(expected["masks"], actual["masks"][pairing]).min() > min_mask_iou
+
+
+def synthetic_batch():
+    """Two small images with rectangles of classes 1..3, their targets, and an empty image."""
+
+    def make(height, width, boxes, labels):
+        image = torch.full((3, height, width), 0.2)
+        masks = torch.zeros(len(boxes), height, width, dtype=torch.uint8)
+        for i, ((x1, y1, x2, y2), label) in enumerate(zip(boxes, labels, strict=True)):
+            masks[i, y1:y2, x1:x2] = 1
+            image[label - 1, y1:y2, x1:x2] = 0.9
+        target = {
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "masks": masks,
+        }
+        return image, target
+
+    first = make(160, 192, [(10, 20, 70, 90), (100, 40, 170, 120)], [1, 2])
+    second = make(160, 160, [(30, 30, 120, 100)], [3])
+    empty = make(160, 176, [], [])
+    return first, second, empty
