@@ -43,7 +43,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .manifest import ShardInfo, ShardManifest, read_manifest
-from .transforms import collate, make_example, to_float
+from .transforms import make_example, pack_batch, unpack_batch
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class TrainEpoch(IterableDataset):
                     continue  # draw another one: batches stay full
                 examples.append(example)
             if batch_number >= skip:
-                yield collate(examples)
+                yield pack_batch(examples)
 
 
 class ShardTrainLoader:
@@ -223,9 +223,9 @@ class ShardTrainLoader:
 
     def __iter__(self):
         epoch_data = TrainEpoch(self, self.epoch, self.batches_done)
-        for images, targets in make_dataloader(epoch_data, self.num_workers, self.batch_size):
+        for packed in make_dataloader(epoch_data, self.num_workers, self.batch_size):
             self.batches_done += 1
-            yield to_float(images), targets
+            yield unpack_batch(packed)
         self.epoch += 1
         self.batches_done = 0
 
@@ -287,10 +287,10 @@ class EvalSamples(IterableDataset):
                 handler(ValueError(f"sample {global_index}: {error}", sample.get("__url__", "")))
                 continue
             if len(examples) == ld.batch_size:
-                yield collate(examples)
+                yield pack_batch(examples)
                 examples = []
         if examples:
-            yield collate(examples)
+            yield pack_batch(examples)
 
 
 class ShardEvalLoader:
@@ -359,10 +359,8 @@ class ShardEvalLoader:
         )
 
     def __iter__(self):
-        for images, targets in make_dataloader(
-            EvalSamples(self), self.num_workers, self.batch_size
-        ):
-            yield to_float(images), targets
+        for packed in make_dataloader(EvalSamples(self), self.num_workers, self.batch_size):
+            yield unpack_batch(packed)
 
 
 def build_train_loader(cfg, rank: int, world_size: int) -> ShardTrainLoader:

@@ -2,9 +2,12 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from pycocotools.coco import COCO
 
 from pipeline.data.shapes import make_shapes_dataset, polygon_area, subtract_convex
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
 
 def tree_digest(root: Path) -> dict[str, str]:
