@@ -1,5 +1,6 @@
 import json
 import logging
+import shutil
 import tarfile
 
 import pytest
@@ -15,7 +16,13 @@ from pipeline.data.loader import (
     build_train_loader,
     build_val_loader,
 )
-from pipeline.data.transforms import make_example, resize_masks_nearest, resized_size
+from pipeline.data.transforms import (
+    make_example,
+    pack_batch,
+    resize_masks_nearest,
+    resized_size,
+    unpack_batch,
+)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
@@ -203,3 +210,35 @@ def test_build_functions_map_the_config(train_shards, val_shards):
     assert len(val) == 3 and val.manifest.total_samples == VAL_IMAGES
     assert train.manifest.total_samples == TRAIN_IMAGES
     assert train.manifest.class_names == ["__background__", "circle", "square", "triangle"]
+
+
+def test_an_image_without_objects_is_a_valid_sample(train_shards):
+    sample = first_raw_sample(train_shards)
+    record = json.loads(sample["json"])
+    empty = {**sample, "json": json.dumps({**record, "annotations": []}).encode()}
+    examples = [
+        make_example(s, coco_to_contiguous={1: 1, 2: 2, 3: 3}, min_size=64, max_size=120, flip=f)
+        for s, f in ((empty, True), (sample, False))
+    ]
+    images, targets = unpack_batch(pack_batch(examples))
+    height, width = images[0].shape[-2:]
+    assert targets[0]["boxes"].shape == (0, 4) and targets[0]["boxes"].dtype == torch.float32
+    assert targets[0]["labels"].shape == (0,) and targets[0]["labels"].dtype == torch.int64
+    assert targets[0]["masks"].shape == (0, height, width)
+    assert torch.equal(targets[1]["masks"], examples[1][1]["masks"])  # packing is lossless
+    assert torch.equal(targets[1]["boxes"], examples[1][1]["boxes"])
+    assert torch.allclose(images[1] * 255, examples[1][0].float())
+
+
+def test_eval_reports_samples_lost_in_a_truncated_shard(val_shards, tmp_path, caplog):
+    copy = tmp_path / "val"
+    shutil.copytree(val_shards, copy)
+    shard = copy / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:1536])  # the first sample survives at most
+    loader = ShardEvalLoader(str(copy), rank=0, world_size=1, batch_size=4, num_workers=0,
+                             min_size=64, max_size=120)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
+        seen = [t["image_id"] for _, targets in loader for t in targets]
+    assert VAL_IMAGES - 3 <= len(seen) < VAL_IMAGES
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "shard-000001.tar" in messages and "evaluation samples missing" in messages
