@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import shutil
 import statistics
@@ -73,10 +74,14 @@ class CocoBaseline(Dataset):
         )  # fmt: skip
 
 
-def time_epoch(batches) -> tuple[float, int]:
-    start = time.perf_counter()
+def time_epoch(batches) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (this process and its reaped DataLoader workers) and
+    images of one pass. CPU time is the steadier figure on a machine shared with others."""
+    start, cpu_start = time.perf_counter(), os.times()
     images = sum(len(batch[0]) for batch in batches)
-    return time.perf_counter() - start, images
+    wall, cpu_end = time.perf_counter() - start, os.times()
+    cpu = sum(cpu_end[:4]) - sum(cpu_start[:4])  # user, system, children user, children sys
+    return wall, cpu, images
 
 
 def main(argv=None) -> None:
@@ -123,23 +128,29 @@ def main(argv=None) -> None:
             baseline_data, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
             collate_fn=collate, drop_last=False,
         )  # fmt: skip
-        shard_rates, baseline_rates = [], []
-        # Both convert uint8 to float in the main process, as the shard loader does.
+        rates = {"shards": [], "baseline": []}
+        cpu_rates = {"shards": [], "baseline": []}
         for _ in range(args.repeats):
-            seconds, count = time_epoch(iter(shard_loader))
-            shard_rates.append(count / seconds)
+            # Both convert uint8 to float in the main process, as the shard loader does.
             baseline_batches = ((to_float(im), tg) for im, tg in baseline_loader)
-            seconds, count = time_epoch(baseline_batches)
-            baseline_rates.append(count / seconds)
-        shard_rate = statistics.median(shard_rates)
-        baseline_rate = statistics.median(baseline_rates)
+            for name, batches in (("shards", iter(shard_loader)), ("baseline", baseline_batches)):
+                wall, cpu, count = time_epoch(batches)
+                rates[name].append(count / wall)
+                cpu_rates[name].append(count / cpu)
+        median = {name: statistics.median(values) for name, values in rates.items()}
+        cpu_median = {name: statistics.median(values) for name, values in cpu_rates.items()}
         print(
             f"training loader, {args.workers} workers, batch {args.batch_size}, "
-            f"min sizes {args.min_sizes}, max {args.max_size}:"
+            f"min sizes {args.min_sizes}, max {args.max_size} "
+            f"(medians of {args.repeats}; images/s wall | images per CPU-second):"
         )
-        print(f"  shards (WebDataset):              {shard_rate:8.1f} images/s")
-        print(f"  CocoDetection + annToMask:        {baseline_rate:8.1f} images/s")
-        print(f"  ratio shards / baseline:          {shard_rate / baseline_rate:8.2f}x")
+        for name, label in (("shards", "shards (WebDataset)"), ("baseline", "CocoDetection")):
+            print(f"  {label:24s} {median[name]:8.1f} | {cpu_median[name]:8.1f}")
+        print(
+            f"  ratio shards / baseline  {median['shards'] / median['baseline']:8.2f} | "
+            f"{cpu_median['shards'] / cpu_median['baseline']:8.2f}"
+        )
+        print(f"  all wall rates: {rates}".replace("], ", "],\n                  "))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
