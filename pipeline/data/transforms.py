@@ -145,7 +145,12 @@ def resize_masks_nearest(
         r0, r1 = int(torch.searchsorted(rows, y0)), int(torch.searchsorted(rows, y1, right=True))
         c0, c1 = int(torch.searchsorted(cols, x0)), int(torch.searchsorted(cols, x1, right=True))
         source_cols = cols[c0:c1] if not flip else (width - 1) - cols[c0:c1]
-        out[i, r0:r1, c0:c1] = masks[i].index_select(0, rows[r0:r1]).index_select(1, source_cols)
+        mask = masks[i]
+        if mask.stride(0) == 1:  # column-major, as pycocotools decodes: gather columns first
+            picked = mask.t().index_select(0, source_cols).index_select(1, rows[r0:r1]).t()
+        else:
+            picked = mask.index_select(0, rows[r0:r1]).index_select(1, source_cols)
+        out[i, r0:r1, c0:c1] = picked
     return out
 
 
