@@ -1,0 +1,34 @@
+"""Native detection ops for the Mask R-CNN pipeline: RoIAlign, the FPN pooler, NMS.
+
+Box convention, for every op here: boxes are (x1, y1, x2, y2) in absolute image pixels, without
+the legacy "+1" on widths; a RoI row is (batch_index, x1, y1, x2, y2). RoIAlign is
+``aligned=True`` by default: box coordinates are shifted by -0.5 pixel so that a box sampled at
+``spatial_scale`` lines up with the pixel centres of the feature map. ``aligned=False`` is
+torchvision's legacy behaviour (and its default).
+
+The kernels live in ``ops/csrc`` and register the ``torch.ops.maskrcnn_ops`` operators (CPU and,
+when built, CUDA). When they cannot be loaded, the functions below fall back to the pure-PyTorch
+``ops.reference`` implementations with a single warning.
+"""
+
+from . import _extension
+from .fpn_levels import default_spatial_scales, map_rois_to_levels
+from .nms import batched_nms, nms
+from .roi_align import multilevel_roi_align, roi_align
+
+if _extension.HAS_CPU_KERNELS:
+    from . import _registration  # noqa: F401  (fake kernels and autograd formulas)
+
+HAS_CPU_KERNELS = _extension.HAS_CPU_KERNELS
+HAS_CUDA_KERNELS = _extension.HAS_CUDA_KERNELS
+
+__all__ = [
+    "HAS_CPU_KERNELS",
+    "HAS_CUDA_KERNELS",
+    "batched_nms",
+    "default_spatial_scales",
+    "map_rois_to_levels",
+    "multilevel_roi_align",
+    "nms",
+    "roi_align",
+]

@@ -1,0 +1,211 @@
+// CPU RoIAlign engine shared by roi_align (one level) and multilevel_roi_align (FPN levels).
+//
+// Layout decisions, all for speed on NCHW features:
+//  * A RoI's sample positions and interpolation weights depend only on the RoI, so they are
+//    computed once (a SamplingPlan) and reused for every channel. Bilinear sampling is separable,
+//    so the plan stores taps per sample row and per sample column (O(PH*grid + PW*grid) per RoI)
+//    rather than per 2-D sample; the plan of ~1000 RoIs then fits in the L2 cache.
+//  * Work is split over feature planes (level, image, channel): a task pools every RoI that reads
+//    its plane, so the plane (a few hundred KB) stays in cache while ~500 RoIs read from it, where a
+//    RoI-major loop streams the whole feature map through the cache once per RoI.
+//  * Each plane is owned by exactly one task, so the backward pass accumulates into the gradient
+//    without atomics or per-thread buffers, and, within a plane, in increasing RoI order (the order
+//    of torchvision's sequential kernel).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "op_checks.h"
+#include "ops_math.h"
+
+namespace maskrcnn_ops {
+namespace cpu {
+
+// One feature level (or its gradient) as the engine sees it: contiguous [N, C, H, W] data.
+template <typename P>
+struct LevelPlanes {
+  P* data;
+  int64_t height;
+  int64_t width;
+  double spatial_scale;
+};
+
+template <typename T, int kTaps>
+struct SamplingPlan {
+  std::vector<RoiWindow<T>> windows;
+  std::vector<int64_t> y_offset;  // RoI k's sample-row taps: y_taps[y_offset[k] ..]
+  std::vector<int64_t> x_offset;
+  std::vector<AxisTaps<T, kTaps>> y_taps;  // PH * grid_h per RoI, bin-major
+  std::vector<AxisTaps<T, kTaps>> x_taps;  // PW * grid_w per RoI
+  std::vector<int64_t> group_start;        // RoIs of group g = level * N + batch ...
+  std::vector<int64_t> grouped_rois;       // ... are grouped_rois[group_start[g] .. g + 1]
+};
+
+// `roi_levels` may be null (everything on level 0).
+template <typename T, int kTaps, typename P>
+SamplingPlan<T, kTaps> make_sampling_plan(const T* rois, const int64_t* roi_levels,
+                                          int64_t num_rois,
+                                          const std::vector<LevelPlanes<P>>& levels,
+                                          int64_t batch_size, int pooled_h, int pooled_w,
+                                          int sampling_ratio, bool aligned) {
+  SamplingPlan<T, kTaps> plan;
+  const int64_t num_levels = static_cast<int64_t>(levels.size());
+  plan.windows.resize(num_rois);
+  plan.y_offset.resize(num_rois + 1, 0);
+  plan.x_offset.resize(num_rois + 1, 0);
+  std::vector<int64_t> group_of(num_rois);
+  for (int64_t k = 0; k < num_rois; ++k) {
+    const T* roi = rois + 5 * k;
+    const int64_t level = roi_levels != nullptr ? roi_levels[k] : 0;
+    TORCH_CHECK(level >= 0 && level < num_levels, "RoI ", k, " maps to level ", level,
+                " but there are ", num_levels, " levels");
+    // Checked before the cast to int, which is undefined for out-of-range values.
+    TORCH_CHECK(roi[0] >= 0 && roi[0] < static_cast<T>(batch_size), "RoI ", k,
+                " has batch index ", roi[0], " outside [0, ", batch_size, ")");
+    const RoiWindow<T> win = roi_window<T>(roi, static_cast<T>(levels[level].spatial_scale),
+                                           pooled_h, pooled_w, sampling_ratio, aligned);
+    plan.windows[k] = win;
+    plan.y_offset[k + 1] = plan.y_offset[k] + pooled_h * std::max(win.grid_h, 0);
+    plan.x_offset[k + 1] = plan.x_offset[k] + pooled_w * std::max(win.grid_w, 0);
+    group_of[k] = level * batch_size + win.batch;
+  }
+  plan.y_taps.resize(plan.y_offset[num_rois]);
+  plan.x_taps.resize(plan.x_offset[num_rois]);
+  at::parallel_for(0, num_rois, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const RoiWindow<T>& win = plan.windows[k];
+      const int64_t level = roi_levels != nullptr ? roi_levels[k] : 0;
+      const int height = static_cast<int>(levels[level].height);
+      const int width = static_cast<int>(levels[level].width);
+      AxisTaps<T, kTaps>* ty = plan.y_taps.data() + plan.y_offset[k];
+      for (int ph = 0; ph < pooled_h; ++ph) {
+        for (int iy = 0; iy < win.grid_h; ++iy) {
+          axis_taps(sample_coordinate(win.start_h, ph, win.bin_h, iy, win.grid_h), height,
+                    ty[ph * win.grid_h + iy]);
+        }
+      }
+      AxisTaps<T, kTaps>* tx = plan.x_taps.data() + plan.x_offset[k];
+      for (int pw = 0; pw < pooled_w; ++pw) {
+        for (int ix = 0; ix < win.grid_w; ++ix) {
+          axis_taps(sample_coordinate(win.start_w, pw, win.bin_w, ix, win.grid_w), width,
+                    tx[pw * win.grid_w + ix]);
+        }
+      }
+    }
+  });
+  // Stable counting sort of the RoIs by (level, batch).
+  const int64_t num_groups = num_levels * batch_size;
+  plan.group_start.assign(num_groups + 1, 0);
+  for (int64_t k = 0; k < num_rois; ++k) ++plan.group_start[group_of[k] + 1];
+  for (int64_t g = 0; g < num_groups; ++g) plan.group_start[g + 1] += plan.group_start[g];
+  std::vector<int64_t> fill(plan.group_start.begin(), plan.group_start.end() - 1);
+  plan.grouped_rois.resize(num_rois);
+  for (int64_t k = 0; k < num_rois; ++k) plan.grouped_rois[fill[group_of[k]]++] = k;
+  return plan;
+}
+
+// Calls fn(plane_index, level, batch, channel) for every (level, batch, channel) plane that some
+// RoI reads, in parallel, each plane on exactly one thread. Channel-major order spreads every
+// level over all threads, so the threads get similar work.
+template <typename Fn>
+void for_each_plane(int64_t num_levels, int64_t batch_size, int64_t channels,
+                    const std::vector<int64_t>& group_start, Fn&& fn) {
+  const int64_t num_groups = num_levels * batch_size;
+  at::parallel_for(0, channels * num_groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t channel = p / num_groups;
+      const int64_t group = p % num_groups;
+      if (group_start[group] == group_start[group + 1]) continue;
+      fn(group, group / batch_size, group % batch_size, channel);
+    }
+  });
+}
+
+// Pools one RoI from one plane into its PH x PW bins. A separate function with everything in
+// locals, so the compiler keeps the hot loop's state in registers.
+template <typename T, int kTaps>
+inline void pool_roi_plane(const T* __restrict plane, int64_t width,
+                           const AxisTaps<T, kTaps>* __restrict ty,
+                           const AxisTaps<T, kTaps>* __restrict tx, int grid_h, int grid_w,
+                           T count, int pooled_h, int pooled_w, T* __restrict out) {
+  for (int ph = 0; ph < pooled_h; ++ph) {
+    const AxisTaps<T, kTaps>* rows = ty + ph * grid_h;
+    for (int pw = 0; pw < pooled_w; ++pw) {
+      const AxisTaps<T, kTaps>* cols = tx + pw * grid_w;
+      T sum = 0;
+      for (int iy = 0; iy < grid_h; ++iy) {
+        const AxisTaps<T, kTaps> row = rows[iy];
+        if (!row.valid) continue;
+        for (int ix = 0; ix < grid_w; ++ix) {
+          const AxisTaps<T, kTaps> col = cols[ix];
+          if (!col.valid) continue;
+          sum += interpolate(plane, width, row, col);
+        }
+      }
+      out[ph * pooled_w + pw] = sum / count;
+    }
+  }
+}
+
+// out: [K, C, PH, PW], contiguous.
+template <typename T, int kTaps>
+void pool_forward(const SamplingPlan<T, kTaps>& plan,
+                  const std::vector<LevelPlanes<const T>>& levels, int64_t batch_size,
+                  int64_t channels, int pooled_h, int pooled_w, T* out) {
+  const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
+  for_each_plane(
+      levels.size(), batch_size, channels, plan.group_start,
+      [&](int64_t group, int64_t level, int64_t batch, int64_t channel) {
+        const LevelPlanes<const T>& lv = levels[level];
+        const T* plane = lv.data + (batch * channels + channel) * lv.height * lv.width;
+        for (int64_t g = plan.group_start[group]; g < plan.group_start[group + 1]; ++g) {
+          const int64_t k = plan.grouped_rois[g];
+          const RoiWindow<T>& win = plan.windows[k];
+          pool_roi_plane<T, kTaps>(plane, lv.width, plan.y_taps.data() + plan.y_offset[k],
+                                   plan.x_taps.data() + plan.x_offset[k], win.grid_h,
+                                   win.grid_w, win.count, pooled_h, pooled_w,
+                                   out + (k * channels + channel) * bins);
+        }
+      });
+}
+
+// grad_out: [K, C, PH, PW], contiguous; the level planes are the zeroed input gradients.
+template <typename T, int kTaps>
+void pool_backward(const SamplingPlan<T, kTaps>& plan, const std::vector<LevelPlanes<T>>& levels,
+                   int64_t batch_size, int64_t channels, int pooled_h, int pooled_w,
+                   const T* grad_out) {
+  const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
+  for_each_plane(
+      levels.size(), batch_size, channels, plan.group_start,
+      [&](int64_t group, int64_t level, int64_t batch, int64_t channel) {
+        const LevelPlanes<T>& lv = levels[level];
+        T* plane = lv.data + (batch * channels + channel) * lv.height * lv.width;
+        auto add = [plane](int64_t offset, T value) { plane[offset] += value; };
+        for (int64_t g = plan.group_start[group]; g < plan.group_start[group + 1]; ++g) {
+          const int64_t k = plan.grouped_rois[g];
+          const RoiWindow<T>& win = plan.windows[k];
+          const AxisTaps<T, kTaps>* ty = plan.y_taps.data() + plan.y_offset[k];
+          const AxisTaps<T, kTaps>* tx = plan.x_taps.data() + plan.x_offset[k];
+          const T* bin_grad = grad_out + (k * channels + channel) * bins;
+          for (int ph = 0; ph < pooled_h; ++ph) {
+            for (int pw = 0; pw < pooled_w; ++pw) {
+              const T grad = bin_grad[ph * pooled_w + pw];
+              for (int iy = 0; iy < win.grid_h; ++iy) {
+                const AxisTaps<T, kTaps>& row = ty[ph * win.grid_h + iy];
+                if (!row.valid) continue;
+                for (int ix = 0; ix < win.grid_w; ++ix) {
+                  const AxisTaps<T, kTaps>& col = tx[pw * win.grid_w + ix];
+                  if (!col.valid) continue;
+                  scatter_gradient(lv.width, row, col, grad, win.count, add);
+                }
+              }
+            }
+          }
+        }
+      });
+}
+
+}  // namespace cpu
+}  // namespace maskrcnn_ops

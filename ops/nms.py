@@ -1,0 +1,54 @@
+"""Non-maximum suppression, plain and per class."""
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._extension import use_reference
+
+__all__ = ["batched_nms", "nms"]
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy NMS: drop every box whose IoU with a higher-scoring kept box exceeds the threshold.
+
+    Args:
+        boxes: [N, 4] (x1, y1, x2, y2); scores: [N], same dtype (float32/float64).
+
+    Returns:
+        int64 indices of the kept boxes by decreasing score; equal scores keep increasing index
+        order. Identical to ``torchvision.ops.nms`` on the CPU.
+    """
+    if use_reference(boxes):
+        return reference.nms(boxes, scores, iou_threshold)
+    return torch.ops.maskrcnn_ops.nms(boxes, scores, float(iou_threshold))
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """NMS within each category ``idxs`` (boxes of different categories never suppress each other).
+
+    One pass over all boxes at any count, without a per-class loop: on the CPU the boxes are
+    grouped by class and the classes run in parallel; on CUDA the suppression mask skips pairs of
+    different classes. That is the coordinate-offset trick's effect without the offset, which loses
+    float precision on large coordinates. Returns what ``torchvision.ops.batched_nms`` does, equal
+    scores in the same order too.
+    """
+    if use_reference(boxes):
+        keep = reference.batched_nms(boxes, scores, idxs, iou_threshold)
+    else:
+        keep = torch.ops.maskrcnn_ops.batched_nms(boxes, scores, idxs, float(iou_threshold))
+    return _torchvision_tie_order(keep, boxes, scores)
+
+
+def _torchvision_tie_order(keep: Tensor, boxes: Tensor, scores: Tensor) -> Tensor:
+    """Reorders equal scores the way torchvision.ops.batched_nms returns them.
+
+    ``keep`` lists equal scores by increasing index, as torchvision's nms (and so its coordinate
+    trick path) does. Above 4,000 coordinates on the CPU (100,000 on CUDA) torchvision loops over
+    the classes instead and orders the kept indices with an unstable sort; the same call on the
+    same input reproduces its order exactly. It costs two sorts of the kept boxes.
+    """
+    if boxes.numel() <= (4000 if boxes.device.type == "cpu" else 100_000):
+        return keep
+    by_index = keep.sort().values
+    return by_index[scores[by_index].sort(descending=True)[1]]
