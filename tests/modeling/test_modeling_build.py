@@ -1,0 +1,108 @@
+"""build_model from the configuration, checkpoints, and the torchvision converter script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from modeling_helpers import assert_same_detections, make_torchvision_maskrcnn, smooth_images
+
+from pipeline.config import Config, load_config
+from pipeline.modeling import MaskRCNN, build_model, load_weights, model_args_from_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_build_default_config():
+    cfg = Config()
+    model = build_model(cfg)
+    assert isinstance(model, MaskRCNN)
+    assert model.roi_heads.num_classes == cfg.model.num_classes == 4
+    assert model.roi_heads.box_predictor.cls_score.out_features == 4
+    assert model.backbone.body.layer4[0].conv3.out_channels == 2048  # ResNet-50
+    # frozen_stages=1: the stem is frozen, res2 trains.
+    assert not model.backbone.body.conv1.weight.requires_grad
+    assert model.backbone.body.layer1[0].conv1.weight.requires_grad
+    from_config = model_args_from_config(cfg)
+    assert {key: model.model_args[key] for key in from_config} == from_config
+
+
+def test_build_small_config_runs():
+    cfg = load_config(str(REPO / "configs/shapes_r18_cpu.yaml"))
+    model = build_model(cfg).eval()
+    assert model.backbone.out_channels == cfg.model.backbone.fpn_channels == 64
+    assert len(model.backbone.body.layer1) == 2  # ResNet-18
+    assert all(p.requires_grad for p in model.backbone.body.parameters())  # frozen_stages=0
+    images = smooth_images([(200, 300)])
+    with torch.no_grad():
+        (result,) = model(images)
+    assert set(result) == {"boxes", "labels", "scores", "masks"}
+    assert result["masks"].shape[1:] == (1, 200, 300)
+
+
+@pytest.mark.parametrize("frozen_stages", [0, 2, 5])
+def test_frozen_stages(frozen_stages):
+    cfg = load_config(str(REPO / "configs/shapes_r18_cpu.yaml"))
+    cfg.model.backbone.frozen_stages = frozen_stages
+    body = build_model(cfg).backbone.body
+    stages = [body.conv1, body.layer1, body.layer2, body.layer3, body.layer4]
+    for index, stage in enumerate(stages):
+        frozen = index < frozen_stages
+        assert all(p.requires_grad != frozen for p in stage.parameters()), index
+
+
+def test_checkpoint_round_trip_and_config_weights(tmp_path):
+    cfg = load_config(str(REPO / "configs/shapes_r18_cpu.yaml"))
+    torch.manual_seed(3)
+    model = build_model(cfg).eval()
+    path = tmp_path / "model.pt"
+    model.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert set(checkpoint) == {"model", "model_args", "source"}
+    rebuilt = MaskRCNN.from_checkpoint(path).eval()
+    cfg.model.weights = str(path)
+    configured = build_model(cfg).eval()
+    for other in (rebuilt, configured):
+        for key, value in model.state_dict().items():
+            assert torch.equal(other.state_dict()[key], value), key
+    # Another class count: the class-specific predictors are skipped, the rest loads.
+    cfg.model.num_classes = 6
+    with pytest.warns(UserWarning, match="skipped"):
+        six = build_model(cfg)
+    assert torch.equal(six.backbone.body.conv1.weight, model.backbone.body.conv1.weight)
+    assert six.roi_heads.box_predictor.cls_score.out_features == 6
+    with pytest.raises(KeyError):
+        torch.save({"model": {"nope": torch.zeros(1)}}, tmp_path / "bad.pt")
+        load_weights(six, tmp_path / "bad.pt")
+
+
+def test_convert_torchvision_script_round_trip(tmp_path):
+    reference = make_torchvision_maskrcnn(num_classes=5, seed=5)
+    source, target = tmp_path / "tv.pth", tmp_path / "ours.pt"
+    torch.save(reference.state_dict(), source)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    subprocess.run(
+        [sys.executable, str(REPO / "launch/convert_torchvision.py"), str(source), str(target)],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    checkpoint = torch.load(target, weights_only=True)
+    assert checkpoint["source"] == "torchvision"
+    assert checkpoint["model_args"]["num_classes"] == 5
+    assert checkpoint["model_args"]["pooler_aligned"] is False
+    model = MaskRCNN.from_checkpoint(target)
+    model.transform.min_size_test, model.transform.max_size_test = 256, 320
+    images = smooth_images([(250, 310)], seed=5)
+    with torch.no_grad():
+        expected = reference(images)
+        actual = model.eval()(images)
+    assert_same_detections(expected[0], actual[0])
