@@ -67,11 +67,12 @@ class CocoBaseline(Dataset):
         else:
             masks = torch.zeros((0, height, width), dtype=torch.uint8)
         rng = random.Random(f"{self.seed}/{index}")
-        return flip_and_resize(
+        image, target = flip_and_resize(
             image, boxes, labels.to(torch.int64), masks, self.coco_dataset.ids[index],
             min_size=rng.choice(self.min_sizes), max_size=self.max_size,
             flip=rng.random() < self.flip_prob,
         )  # fmt: skip
+        return to_float([image])[0], target  # in the worker, like ConvertImageDtype
 
 
 def time_epoch(batches) -> tuple[float, float, int]:
@@ -131,9 +132,7 @@ def main(argv=None) -> None:
         rates = {"shards": [], "baseline": []}
         cpu_rates = {"shards": [], "baseline": []}
         for _ in range(args.repeats):
-            # Both convert uint8 to float in the main process, as the shard loader does.
-            baseline_batches = ((to_float(im), tg) for im, tg in baseline_loader)
-            for name, batches in (("shards", iter(shard_loader)), ("baseline", baseline_batches)):
+            for name, batches in (("shards", shard_loader), ("baseline", baseline_loader)):
                 wall, cpu, count = time_epoch(batches)
                 rates[name].append(count / wall)
                 cpu_rates[name].append(count / cpu)

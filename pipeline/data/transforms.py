@@ -188,9 +188,8 @@ def flip_and_resize(
     mask_extents: list[tuple[int, int, int, int]] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The geometric transforms on a decoded uint8 image [3, H, W], xyxy boxes and uint8
-    masks [N, H, W]; returns the resized uint8 image (``to_float`` makes it 0-1 float:
-    the loaders do that in the main process, so a quarter of the bytes cross processes) and
-    the target dict."""
+    masks [N, H, W]; returns the resized uint8 image (``pack_batch`` or ``to_float`` make
+    it float 0-1) and the target dict."""
     height, width = image.shape[-2:]
     if flip:  # on the small uint8 source, before resizing: cheaper (masks: in the resize)
         image = image.flip(-1)
@@ -221,23 +220,39 @@ def to_float(images: list[torch.Tensor]) -> list[torch.Tensor]:
     return [image.float().mul_(1.0 / 255.0) for image in images]
 
 
+def shared_buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor, in shared memory when made in a DataLoader worker: the batch is
+    written there once instead of being copied again when it is sent."""
+    buffer = torch.empty(numel, dtype=dtype)
+    return buffer.share_memory_() if get_worker_info() is not None else buffer
+
+
 def pack_batch(examples: list[tuple[torch.Tensor, dict]]) -> dict:
-    """A batch as three tensors (all uint8 pixels and masks, boxes, labels) plus shapes.
+    """A batch as three tensors (float images and boxes, uint8 masks, labels) plus shapes;
+    the uint8 images become float 0-1 here, in the worker.
 
     Every tensor a DataLoader worker returns crosses to the main process as its own shared
-    memory segment, and each costs a file-descriptor hand-over through a socket; with one
-    image and one mask tensor per example that hand-over, not the copying, dominated the
-    loader's time. Packed, a batch costs three."""
+    memory segment, and each costs a file-descriptor hand-over through a socket; with an
+    image, boxes, labels and masks per example, that hand-over took as much time as the
+    decoding. Packed, a batch costs three."""
     images = [image for image, _ in examples]
     targets = [target for _, target in examples]
-    parts = [image.reshape(-1) for image in images] + [t["masks"].reshape(-1) for t in targets]
-    pixels = torch.empty(sum(p.numel() for p in parts), dtype=torch.uint8)
-    if get_worker_info() is not None:  # straight into shared memory: no second copy
-        pixels.share_memory_()
-    torch.cat(parts, out=pixels)
+    floats = shared_buffer(
+        sum(image.numel() for image in images) + sum(t["boxes"].numel() for t in targets),
+        torch.float32,
+    )
+    offset = 0
+    for image in images:
+        view = floats[offset : offset + image.numel()]
+        torch.mul(image.reshape(-1), 1.0 / 255.0, out=view)
+        offset += image.numel()
+    torch.cat([t["boxes"].reshape(-1) for t in targets], out=floats[offset:])
+    mask_parts = [t["masks"].reshape(-1) for t in targets]
+    masks = shared_buffer(sum(part.numel() for part in mask_parts), torch.uint8)
+    torch.cat(mask_parts, out=masks)
     return {
-        "pixels": pixels,
-        "boxes": torch.cat([t["boxes"] for t in targets]),
+        "floats": floats,
+        "masks": masks,
         "labels": torch.cat([t["labels"] for t in targets]),
         "image_shapes": [tuple(image.shape) for image in images],
         "mask_shapes": [tuple(t["masks"].shape) for t in targets],
@@ -245,17 +260,18 @@ def pack_batch(examples: list[tuple[torch.Tensor, dict]]) -> dict:
     }
 
 
+def split_views(buffer: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    pieces = torch.split(buffer, [math.prod(shape) for shape in shapes])
+    return [piece.view(shape) for piece, shape in zip(pieces, shapes, strict=True)]
+
+
 def unpack_batch(packed: dict) -> tuple[list[torch.Tensor], list[dict]]:
-    """(float 0-1 images, targets) from ``pack_batch``'s output; masks are views of the
-    shared buffer, images are converted here, in the consuming process."""
-    shapes = packed["image_shapes"] + packed["mask_shapes"]
-    sizes = [math.prod(shape) for shape in shapes]
-    pieces = torch.split(packed["pixels"], sizes)
-    views = [piece.view(shape) for piece, shape in zip(pieces, shapes, strict=True)]
-    count = len(packed["image_shapes"])
-    images, masks = to_float(views[:count]), views[count:]
+    """(images, targets) from ``pack_batch``'s output, as views of its buffers (no copy)."""
     counts = [shape[0] for shape in packed["mask_shapes"]]
-    boxes = torch.split(packed["boxes"], counts)
+    float_shapes = packed["image_shapes"] + [(n, 4) for n in counts]
+    views = split_views(packed["floats"], float_shapes)
+    images, boxes = views[: len(counts)], views[len(counts) :]
+    masks = split_views(packed["masks"], packed["mask_shapes"])
     labels = torch.split(packed["labels"], counts)
     targets = [
         {"boxes": b, "labels": lab, "masks": m, "image_id": image_id, "orig_size": orig_size}

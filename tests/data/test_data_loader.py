@@ -67,7 +67,7 @@ def test_targets_follow_torchvision_convention_and_flip_mirrors_boxes(train_shar
                            flip=True)  # fmt: skip
     image, target = plain
     height, width = image.shape[-2:]
-    assert image.dtype == torch.uint8 and image.shape[0] == 3  # to_float in the main process
+    assert image.dtype == torch.uint8 and image.shape[0] == 3  # made float in pack_batch
     assert (height, width) == resized_size(record["height"], record["width"], 80, 120)
     n = len(record["annotations"])
     assert n > 0
