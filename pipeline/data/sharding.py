@@ -32,6 +32,7 @@ import os
 import re
 import sys
 import tarfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -345,8 +346,12 @@ def run_tasks(tasks: list[ShardTask], workers: int):
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(min(workers, len(tasks))) as pool:
-        yield from pool.imap_unordered(build_one_shard, tasks)
+    # ProcessPoolExecutor rather than multiprocessing.Pool: Pool's shutdown polls its
+    # helper threads every 0.1 s, which cost a third of a second per run.
+    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context) as pool:
+        pending = [pool.submit(build_one_shard, task) for task in tasks]
+        for future in as_completed(pending):
+            yield future.result()
 
 
 class IncompleteShards(RuntimeError):
