@@ -30,6 +30,11 @@ Evaluation (``ShardEvalLoader``): every sample exactly once across ranks.
 
 A shard that cannot be read (missing, truncated, corrupt member) is skipped with a warning
 that names it and counts the failures so far (``CountingHandler``); the stream goes on.
+A sample that does not decode is reported the same way and replaced by the next one.
+
+Workers build whole batches, images already float 0-1, packed into three shared-memory
+tensors (``transforms.pack_batch``): each tensor sent from a worker costs a file-descriptor
+hand-over, which with per-image tensors was as expensive as the decoding.
 """
 
 from __future__ import annotations
@@ -156,15 +161,13 @@ class TrainEpoch(IterableDataset):
                 if batch_number < skip:  # fast-forward: no decoding
                     examples.append(None)
                     continue
-                example = ld.example(sample, random.Random(f"aug/{stream_id}/{sample_number}"))
-                if example is None:
-                    handler(
-                        ValueError(
-                            f"undecodable sample {sample.get('__key__')}", sample.get("__url__", "")
-                        )
-                    )
-                    continue  # draw another one: batches stay full
-                examples.append(example)
+                try:
+                    rng = random.Random(f"aug/{stream_id}/{sample_number}")
+                    examples.append(ld.example(sample, rng))
+                except Exception as error:  # a corrupt sample must not stop training
+                    message = f"sample {sample.get('__key__')}: {type(error).__name__}: {error}"
+                    handler(ValueError(message, sample.get("__url__", "")))
+                    # and draw another one: batches stay full
             if batch_number >= skip:
                 yield pack_batch(examples)
 
@@ -207,19 +210,16 @@ class ShardTrainLoader:
         return self.batches_per_epoch
 
     def example(self, sample: dict, rng: random.Random):
+        """Decode and augment one raw sample; the scale and the flip are drawn from rng."""
         min_size = rng.choice(self.min_sizes)
         flip = rng.random() < self.flip_prob
-        try:
-            return make_example(
-                sample,
-                coco_to_contiguous=self._category_index,
-                min_size=min_size,
-                max_size=self.max_size,
-                flip=flip,
-            )
-        except Exception as error:  # a corrupt sample must not stop training
-            log.warning("train: %s: %s: %s", sample.get("__url__"), type(error).__name__, error)
-            return None
+        return make_example(
+            sample,
+            coco_to_contiguous=self._category_index,
+            min_size=min_size,
+            max_size=self.max_size,
+            flip=flip,
+        )
 
     def __iter__(self):
         epoch_data = TrainEpoch(self, self.epoch, self.batches_done)
@@ -234,19 +234,30 @@ class ShardTrainLoader:
             yield from self
 
     def state_dict(self) -> dict:
+        """The position (epoch, batches consumed in it) and what the order depends on."""
         return {
             "epoch": self.epoch,
             "batches_done": self.batches_done,
+            **self._layout(),
+        }
+
+    def _layout(self) -> dict:
+        return {
             "seed": self.seed,
+            "rank": self.rank,
             "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "streams_per_rank": max(1, self.num_workers),  # 0 workers reads like 1
             "batches_per_epoch": self.batches_per_epoch,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size", "batches_per_epoch"):
-            if state[key] != getattr(self, key):
+        """Continue from a saved position; refuses a state whose order this loader could
+        not reproduce (other seed, ranks, batch size, workers or epoch length)."""
+        for key, value in self._layout().items():
+            if state.get(key) != value:
                 raise ValueError(
-                    f"loader state has {key}={state[key]}, this loader {getattr(self, key)}; "
+                    f"loader state has {key}={state.get(key)}, this loader {value}; "
                     "the restored order would not be the saved one"
                 )
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])

@@ -1,3 +1,4 @@
+import io
 import json
 import logging
 import shutil
@@ -242,3 +243,28 @@ def test_eval_reports_samples_lost_in_a_truncated_shard(val_shards, tmp_path, ca
     assert VAL_IMAGES - 3 <= len(seen) < VAL_IMAGES
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert "shard-000001.tar" in messages and "evaluation samples missing" in messages
+
+
+def test_a_sample_that_does_not_decode_is_reported_and_replaced(shard_copy, caplog):
+    shard = shard_copy / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
+    broken_name = members[0][0].name
+    with tarfile.open(shard, "w") as tar:
+        for info, data in members:
+            data = b"not a jpeg" if info.name == broken_name else data
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    # the whole epoch comes from shard 0 alone, so the broken sample is drawn
+    index = load_json(shard_copy / "index.json")
+    index["shards"] = index["shards"][:1]
+    index["total_samples"] = index["shards"][0]["samples"]
+    (shard_copy / "index.json").write_text(json.dumps(index))
+    loader = train_loader(shard_copy, epoch_samples=10)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
+        batches = list(loader)
+    assert len(batches) == 5 and all(len(images) == 2 for images, _ in batches)
+    key = broken_name.split(".")[0]
+    assert all(t["image_id"] != int(key) for _, targets in batches for t in targets)
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"sample {key}" in messages and "shard-000000.tar" in messages
