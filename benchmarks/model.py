@@ -28,7 +28,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.modeling import MaskRCNN  # noqa: E402
+from pipeline.modeling import MaskRCNN
 
 
 def torchvision_model(min_size: int, max_size: int) -> torch.nn.Module:
