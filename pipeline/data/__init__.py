@@ -2,7 +2,8 @@
 
 The train and eval stages use ``build_train_loader(cfg, rank, world_size)`` and
 ``build_val_loader(cfg, rank, world_size)``; both yield ``(images, targets)`` in
-torchvision's convention, and ``read_manifest(dir)`` gives the category table.
+torchvision's convention, ``read_manifest(dir)`` gives the category table and
+``coco_ground_truth(dir)`` the COCO ground truth the shards hold.
 
 Names are imported lazily, so the shard-building CLI does not pay for importing torch.
 """
@@ -18,6 +19,7 @@ _EXPORTS = {
     "ShardTrainLoader": "loader",
     "build_train_loader": "loader",
     "build_val_loader": "loader",
+    "coco_ground_truth": "ground_truth",
     "ManifestError": "manifest",
     "ShardInfo": "manifest",
     "ShardManifest": "manifest",

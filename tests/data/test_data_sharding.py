@@ -11,6 +11,7 @@ from conftest import SHARD_SIZE, TRAIN_IMAGES, load_json
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from pipeline.data.ground_truth import coco_ground_truth
 from pipeline.data.sharding import build_shards, merge_only
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -213,3 +214,26 @@ def test_merge_refuses_when_a_shard_is_missing(shapes_root, tmp_path):
     )  # fmt: skip
     assert result.returncode == 1
     assert "2 of 5 shards missing" in result.stderr and "shard-000001.tar" in result.stderr
+
+
+def test_ground_truth_from_shards_matches_the_source(val_shards, shapes_root):
+    source = COCO(str(shapes_root / "annotations" / "instances_val.json"))
+    truth = coco_ground_truth(val_shards)
+    assert sorted(i["id"] for i in truth["images"]) == sorted(source.imgs)
+    assert truth["categories"] == [
+        {"id": c["id"], "name": c["name"]} for c in source.dataset["categories"]
+    ]
+    by_id = {a["id"]: a for a in truth["annotations"]}
+    assert sorted(by_id) == sorted(source.anns)
+    for annotation_id, expected in source.anns.items():
+        got = by_id[annotation_id]
+        assert (got["image_id"], got["category_id"], got["bbox"], got["iscrowd"]) == (
+            expected["image_id"], expected["category_id"], expected["bbox"], expected["iscrowd"]
+        )  # fmt: skip
+        np.testing.assert_array_equal(
+            mask_utils.decode(got["segmentation"]), source.annToMask(expected)
+        )
+    coco = COCO()  # what the evaluation does with it
+    coco.dataset = truth
+    coco.createIndex()
+    assert coco.annToMask(coco.anns[1]).sum() == source.annToMask(source.anns[1]).sum()
