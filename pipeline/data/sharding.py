@@ -164,8 +164,10 @@ def build_one_shard(task: ShardTask) -> dict:
     out_dir = Path(task.out_dir)
     skipped, problems = [], []
     count = 0
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    # Straight to a temporary file (a shard can be large), renamed once complete.
+    shard_path = out_dir / shard_name(task.index)
+    temporary = shard_path.with_name(f".{shard_path.name}.tmp-{os.getpid()}")
+    with tarfile.open(temporary, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for image in task.images:
             path = Path(task.images_dir) / image["file_name"]
             try:
@@ -198,15 +200,15 @@ def build_one_shard(task: ShardTask) -> dict:
             add_member(tar, f"{key}.{extension}", data)
             add_member(tar, f"{key}.json", canonical_json(record))
             count += 1
-    payload = buffer.getvalue()
-    write_atomically(out_dir / shard_name(task.index), payload)
+    size, digest = temporary.stat().st_size, sha256_file(temporary)
+    os.replace(temporary, shard_path)
     sidecar = {
         "shard": shard_name(task.index),
         "fingerprint": task.fingerprint,
         "samples": count,
         "images": len(task.images),
-        "bytes": len(payload),
-        "sha256": hashlib.sha256(payload).hexdigest(),
+        "bytes": size,
+        "sha256": digest,
         "skipped_images": skipped,
         "dropped_annotations": problems,
     }
