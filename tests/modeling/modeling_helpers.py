@@ -68,23 +68,32 @@ def assert_same_detections(
     box_tol: float = 1e-3,
     score_tol: float = 1e-5,
     min_mask_iou: float = 0.99,
+    max_unpaired_fraction: float = 0.03,
 ) -> None:
-    """Same detections up to the order of (near-)equal scores: each expected detection is
-    paired with the actual one of the same label with the closest box."""
+    """Same detections up to the order of (near-)equal scores.
+
+    Each expected detection is paired with the actual one of the same label with the closest
+    box; pairs must agree within the tolerances. Last-bit differences of the (fused,
+    channels_last) convolutions can flip near-ties at a cut-off (the RPN top-k, the
+    detections-per-image cap), swapping a detection for another of almost equal score, so up to
+    ``max_unpaired_fraction`` of them may go unpaired.
+    """
     count = len(expected["boxes"])
     assert count >= min_count, f"only {count} detections: the test would compare too little"
-    assert len(actual["boxes"]) == count
+    allowed = int(max_unpaired_fraction * count)
+    assert abs(len(actual["boxes"]) - count) <= allowed
     distance = (expected["boxes"][:, None] - actual["boxes"][None]).abs().amax(-1)
     distance[expected["labels"][:, None] != actual["labels"][None]] = float("inf")
-    pairing = distance.argmin(1)
-    assert torch.equal(pairing.sort().values, torch.arange(count)), "detections do not pair up"
-    assert distance[torch.arange(count), pairing].max() <= box_tol
+    nearest, pairing = distance.min(1)
+    paired = nearest <= box_tol
+    assert (~paired).sum() <= allowed, f"{int((~paired).sum())} of {count} unpaired"
+    assert pairing[paired].unique().numel() == int(paired.sum()), "two detections pair with one"
+    index = pairing[paired]
     torch.testing.assert_close(
-        actual["scores"][pairing], expected["scores"], atol=score_tol, rtol=0
+        actual["scores"][index], expected["scores"][paired], atol=score_tol, rtol=0
     )
-    assert torch.equal(actual["labels"][pairing], expected["labels"])
-    assert actual["masks"].shape == expected["masks"].shape
-    assert mask_iou(expected["masks"], actual["masks"][pairing]).min() > min_mask_iou
+    assert actual["masks"].shape[1:] == expected["masks"].shape[1:]
+    assert mask_iou(expected["masks"][paired], actual["masks"][index]).min() > min_mask_iou
 
 
 def synthetic_batch():

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import runpy
 from pathlib import Path
 
 import pytest
@@ -42,6 +40,11 @@ def test_build_small_config_runs():
         (result,) = model(images)
     assert set(result) == {"boxes", "labels", "scores", "masks"}
     assert result["masks"].shape[1:] == (1, 200, 300)
+    # No detection above the threshold: empty outputs of the right shapes.
+    model.roi_heads.score_thresh = 1.0
+    with torch.no_grad():
+        (empty,) = model(images)
+    assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, 1, 200, 300)
 
 
 @pytest.mark.parametrize("frozen_stages", [0, 2, 5])
@@ -84,17 +87,9 @@ def test_convert_torchvision_script_round_trip(tmp_path):
     reference = make_torchvision_maskrcnn(num_classes=5, seed=5)
     source, target = tmp_path / "tv.pth", tmp_path / "ours.pt"
     torch.save(reference.state_dict(), source)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    subprocess.run(
-        [sys.executable, str(REPO / "launch/convert_torchvision.py"), str(source), str(target)],
-        check=True,
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-    )
+    # The script's own main(), in this process (a subprocess would re-import torch).
+    script = runpy.run_path(str(REPO / "launch/convert_torchvision.py"), run_name="convert")
+    assert script["main"]([str(source), str(target)]) == 0
     checkpoint = torch.load(target, weights_only=True)
     assert checkpoint["source"] == "torchvision"
     assert checkpoint["model_args"]["num_classes"] == 5
