@@ -55,7 +55,8 @@ class BasicBlock(nn.Module):
         out = conv_frozen_bn(x, self.conv1, self.bn1).relu_()
         out = conv_frozen_bn(out, self.conv2, self.bn2)
         identity = x if self.downsample is None else conv_frozen_bn(x, *self.downsample)
-        return (out + identity).relu_()
+        # In place: the convolution's output is not needed by its backward.
+        return out.add_(identity).relu_()
 
 
 class Bottleneck(nn.Module):
@@ -83,7 +84,8 @@ class Bottleneck(nn.Module):
         out = conv_frozen_bn(out, self.conv2, self.bn2).relu_()
         out = conv_frozen_bn(out, self.conv3, self.bn3)
         identity = x if self.downsample is None else conv_frozen_bn(x, *self.downsample)
-        return (out + identity).relu_()
+        # In place: the convolution's output is not needed by its backward.
+        return out.add_(identity).relu_()
 
 
 class ResNet(nn.Module):
@@ -152,7 +154,7 @@ class FeaturePyramid(nn.Module):
         for idx in range(len(features) - 2, -1, -1):
             lateral = self.lateral_convs[idx](features[idx])
             upsampled = F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
-            top_down = lateral + upsampled
+            top_down = lateral.add_(upsampled)  # in place: a fresh conv output
             results.insert(0, self.output_convs[idx](top_down))
         results.append(F.max_pool2d(results[-1], kernel_size=1, stride=2, padding=0))
         return results

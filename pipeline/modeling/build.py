@@ -76,6 +76,8 @@ def load_weights(model: MaskRCNN, path: str | os.PathLike) -> list[str]:
     """
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("model", checkpoint)
+    if state and all(key.startswith("module.") for key in state):  # saved from a DDP wrapper
+        state = {key[len("module.") :]: value for key, value in state.items()}
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -166,6 +166,9 @@ class RoIHeads(nn.Module):
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        # The pooling kernels read NCHW: convert the (channels_last) levels once for both
+        # the box and the mask pooling instead of letting each call copy them.
+        features = [f.contiguous() for f in features]
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")

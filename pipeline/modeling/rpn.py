@@ -95,7 +95,7 @@ class RPNHead(nn.Module):
         concatenated in anchor order."""
         objectness, deltas = [], []
         for feature in features:
-            hidden = F.relu(self.conv(feature))
+            hidden = self.conv(feature).relu_()
             logits = self.objectness(hidden)
             n, a, h, w = logits.shape
             objectness.append(logits.permute(0, 2, 3, 1).reshape(n, -1))
