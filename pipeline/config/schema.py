@@ -140,6 +140,9 @@ class ModelConfig:
     weights: str = ""
     """Checkpoint to initialise the model from (ours, or one from launch/convert_torchvision.py).
     Empty: random initialisation."""
+    channels_last: bool = True
+    """Run the convolutions in channels_last (NHWC) memory format: faster on CPUs (oneDNN).
+    Numerics-neutral; set false if a device runs NCHW faster."""
 
 
 @dataclass

@@ -62,6 +62,7 @@ def model_args_from_config(cfg: Config) -> dict[str, Any]:
         "pixel_mean": list(inp.pixel_mean),
         "pixel_std": list(inp.pixel_std),
         "size_divisibility": inp.size_divisibility,
+        "channels_last": m.channels_last,
     }
 
 
