@@ -201,6 +201,7 @@ class RoIHeads(nn.Module):
         rois = rois_from_boxes(sampled_boxes)
         box_features = self.box_head(self._pool(features, rois, 7))
         class_logits, box_deltas = self.box_predictor(box_features)
+        class_logits, box_deltas = class_logits.float(), box_deltas.float()  # mixed precision
         all_labels = torch.cat(labels)
         losses = self._box_losses(
             class_logits, box_deltas, all_labels, sampled_boxes, regression_targets
@@ -258,7 +259,7 @@ class RoIHeads(nn.Module):
             [lab[: m.numel()] for lab, m in zip(labels, matched_gt, strict=True)]
         )
         rois = rois_from_boxes(positive_boxes)
-        mask_logits = self.mask_head(self._pool(features, rois, 14))
+        mask_logits = self.mask_head(self._pool(features, rois, 14)).float()
         if rois.shape[0] == 0:
             return mask_logits.sum() * 0.0
         size = mask_logits.shape[-1]
@@ -290,6 +291,8 @@ class RoIHeads(nn.Module):
     ) -> list[dict[str, Tensor]]:
         rois = rois_from_boxes(proposals)
         class_logits, box_deltas = self.box_predictor(self.box_head(self._pool(features, rois, 7)))
+        # Decode and score in float32 even under mixed precision (bf16 would round boxes).
+        class_logits, box_deltas = class_logits.float(), box_deltas.float()
         boxes = self.box_coder.decode(box_deltas, rois[:, 1:])  # [R, num_classes, 4]
         if self.classifier_loss == "focal":
             scores = torch.sigmoid(class_logits)  # foreground classes only
@@ -324,7 +327,7 @@ class RoIHeads(nn.Module):
                 }
             )
         mask_rois = rois_from_boxes([d["boxes"] for d in detections])
-        mask_logits = self.mask_head(self._pool(features, mask_rois, 14))
+        mask_logits = self.mask_head(self._pool(features, mask_rois, 14)).float()
         mask_probs = torch.sigmoid(
             mask_logits[
                 torch.arange(mask_rois.shape[0], device=mask_rois.device),

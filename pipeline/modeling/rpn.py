@@ -167,6 +167,8 @@ class RegionProposalNetwork(nn.Module):
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
         objectness, deltas = self.head(features)
+        # Proposal selection, decoding and losses in float32, also under mixed precision.
+        objectness, deltas = objectness.float(), deltas.float()
         feature_sizes = [f.shape[-2:] for f in features]
         anchors = self.anchor_generator(batch_size, feature_sizes)
         level_counts = [
