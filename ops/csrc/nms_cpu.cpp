@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 #include <vector>
 
@@ -26,8 +27,11 @@
 namespace maskrcnn_ops {
 namespace {
 
-constexpr int64_t kColumnChunk = 2048;       // columns per cache-resident sweep chunk
-constexpr int64_t kParallelWork = 1 << 15;  // IoUs below which a sweep stays on one thread
+constexpr int64_t kColumnTile = 2048;  // columns per cache-resident sweep tile
+constexpr int64_t kRowChunk = 2048;    // rows settled before one (possibly parallel) sweep
+// IoUs (~10 ms of work) that a parallel region must have to be worth it: waking the threads costs
+// microseconds on an idle machine but can take a scheduler time slice on a loaded one.
+constexpr int64_t kParallelWork = 1 << 24;
 
 // Boxes in processing order, one array per coordinate.
 template <typename T>
@@ -63,34 +67,57 @@ inline void suppress_columns(const BoxColumns<T>& b, int64_t i, int64_t begin, i
   }
 }
 
+// The rows' suppression of columns [begin, end), a tile of columns at a time so that the tile stays
+// in L1 while every row sweeps it. In parallel, threads take tiles from a shared counter (so a
+// thread that the OS runs less does fewer tiles).
+template <typename T>
+void sweep(const BoxColumns<T>& b, const std::vector<int64_t>& rows, int64_t begin, int64_t end,
+           T threshold, uint8_t* removed, bool parallel) {
+  const int64_t num_tiles = (end - begin + kColumnTile - 1) / kColumnTile;
+  auto run_tile = [&](int64_t tile) {
+    const int64_t start = begin + tile * kColumnTile;
+    const int64_t stop = std::min(start + kColumnTile, end);
+    for (const int64_t i : rows) suppress_columns(b, i, start, stop, threshold, removed);
+  };
+  const int64_t work = (end - begin) * static_cast<int64_t>(rows.size());
+  if (!parallel || num_tiles < 2 || work < kParallelWork) {
+    for (int64_t tile = 0; tile < num_tiles; ++tile) run_tile(tile);
+    return;
+  }
+  std::atomic<int64_t> next_tile{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t tile = next_tile++; tile < num_tiles; tile = next_tile++) run_tile(tile);
+  });
+}
+
 // Greedy NMS over positions [begin, end) of `b`; sets kept[p] for the survivors.
+//
+// Rows are settled in chunks of kRowChunk: within a chunk, 64-row blocks are settled one after
+// the other (the block's own rows in order, then its survivors sweep the rest of the chunk); then
+// the chunk's survivors sweep all later rows at once, the only step worth threads. Few, large
+// parallel steps keep the cost of waking and joining threads (which grows on a loaded machine)
+// small next to the work.
 template <typename T>
 void suppress_segment(const BoxColumns<T>& b, int64_t begin, int64_t end, T threshold,
                       uint8_t* removed, uint8_t* kept, bool parallel) {
-  std::vector<int64_t> rows;
-  rows.reserve(kNmsBlock);
-  for (int64_t block = begin; block < end; block += kNmsBlock) {
-    const int64_t block_end = std::min(block + kNmsBlock, end);
-    rows.clear();
-    for (int64_t i = block; i < block_end; ++i) {
-      if (removed[i]) continue;
-      kept[i] = 1;
-      rows.push_back(i);
-      suppress_columns(b, i, i + 1, block_end, threshold, removed);
-    }
-    if (rows.empty() || block_end == end) continue;
-    // Chunked so that a chunk of columns stays in L1 while every surviving row sweeps it.
-    auto sweep = [&](int64_t first, int64_t last) {
-      for (int64_t start = first; start < last; start += kColumnChunk) {
-        const int64_t stop = std::min(start + kColumnChunk, last);
-        for (const int64_t i : rows) suppress_columns(b, i, start, stop, threshold, removed);
+  std::vector<int64_t> chunk_rows, block_rows;
+  for (int64_t chunk = begin; chunk < end; chunk += kRowChunk) {
+    const int64_t chunk_end = std::min(chunk + kRowChunk, end);
+    chunk_rows.clear();
+    for (int64_t block = chunk; block < chunk_end; block += kNmsBlock) {
+      const int64_t block_end = std::min(block + kNmsBlock, chunk_end);
+      block_rows.clear();
+      for (int64_t i = block; i < block_end; ++i) {
+        if (removed[i]) continue;
+        kept[i] = 1;
+        block_rows.push_back(i);
+        suppress_columns(b, i, i + 1, block_end, threshold, removed);
       }
-    };
-    const int64_t work = (end - block_end) * static_cast<int64_t>(rows.size());
-    if (parallel && work > kParallelWork) {
-      at::parallel_for(block_end, end, kColumnChunk, sweep);
-    } else {
-      sweep(block_end, end);
+      sweep(b, block_rows, block_end, chunk_end, threshold, removed, /*parallel=*/false);
+      chunk_rows.insert(chunk_rows.end(), block_rows.begin(), block_rows.end());
+    }
+    if (!chunk_rows.empty() && chunk_end < end) {
+      sweep(b, chunk_rows, chunk_end, end, threshold, removed, parallel);
     }
   }
 }
@@ -174,8 +201,16 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores,
                          removed.data(), kept_grouped.data(), parallel_inside);
       }
     };
-    // One dominant class is parallelised inside; many classes are spread over the threads.
-    if (2 * largest_segment > n) {
+    // One dominant class is parallelised inside; many classes are spread over the threads; little
+    // work stays on this thread.
+    int64_t work = 0;  // bound on the IoUs: each class's pairs
+    for (int64_t s = 0; s < num_segments; ++s) {
+      const int64_t size = segment_start[s + 1] - segment_start[s];
+      work += size * size / 2;
+    }
+    if (work < kParallelWork) {
+      run_segments(0, num_segments, /*parallel_inside=*/false);
+    } else if (2 * largest_segment > n) {
       run_segments(0, num_segments, /*parallel_inside=*/true);
     } else {
       at::parallel_for(0, num_segments, 1, [&](int64_t first, int64_t last) {

@@ -53,15 +53,27 @@ OPS_INLINE double mul_no_fma(double a, double b) {
 // RoI geometry
 // ---------------------------------------------------------------------------------------------
 
+// Division by a bin's sample count, what torchvision divides the bin sums by. When the count is a
+// power of two (sampling_ratio 2 gives 4) its reciprocal is exact, and multiplying by it rounds
+// exactly like dividing (both round the same exact quotient once), only faster.
+template <typename T>
+struct CountDivisor {
+  T count;
+  T inverse;
+  bool exact_inverse;
+
+  OPS_INLINE T operator()(T x) const { return exact_inverse ? x * inverse : x / count; }
+};
+
 // One RoI mapped onto a feature map: where its bins start, how big they are, and how many samples
-// each bin averages. `count` is what torchvision divides the forward sum by.
+// each bin averages.
 template <typename T>
 struct RoiWindow {
   int batch;
   T start_h, start_w;
   T bin_h, bin_w;
   int grid_h, grid_w;  // samples per bin along each axis; may be <= 0 for empty RoIs
-  T count;
+  CountDivisor<T> divide_by_count;
 };
 
 // `roi` points at (batch_index, x1, y1, x2, y2) already converted to the compute type T.
@@ -87,8 +99,10 @@ OPS_INLINE RoiWindow<T> roi_window(const T* roi, T spatial_scale, int pooled_h, 
   win.bin_w = roi_w / static_cast<T>(pooled_w);
   win.grid_h = sampling_ratio > 0 ? sampling_ratio : static_cast<int>(ceil(roi_h / pooled_h));
   win.grid_w = sampling_ratio > 0 ? sampling_ratio : static_cast<int>(ceil(roi_w / pooled_w));
-  const int samples = win.grid_h * win.grid_w;
-  win.count = static_cast<T>(samples > 1 ? samples : 1);
+  const int count = max_of(win.grid_h * win.grid_w, 1);
+  win.divide_by_count.count = static_cast<T>(count);
+  win.divide_by_count.inverse = static_cast<T>(1) / static_cast<T>(count);
+  win.divide_by_count.exact_inverse = (count & (count - 1)) == 0;
   return win;
 }
 
@@ -213,18 +227,20 @@ OPS_INLINE T interpolate(const S* plane, int64_t width, const AxisTaps<T, kTaps>
   return interpolate_rows(rows, ty.weight, tx);
 }
 
-// The gradient of interpolate(): each tap receives grad * (wy * wx) / count. `add(offset, value)`
-// accumulates into the gradient plane (a plain += on the CPU, an atomic add on the GPU).
+// The gradient of interpolate() divided by the bin's count: each tap receives
+// grad * (wy * wx) / count, as in torchvision. `add(offset, value)` accumulates into the gradient
+// plane (a plain += on the CPU, an atomic add on the GPU).
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable  // `add` is a device lambda in the CUDA kernels, a host one on the CPU
 #endif
 template <typename T, int kTaps, typename Add>
 OPS_INLINE void scatter_gradient(int64_t width, const AxisTaps<T, kTaps>& ty,
-                                 const AxisTaps<T, kTaps>& tx, T grad, T count, Add&& add) {
+                                 const AxisTaps<T, kTaps>& tx, T grad,
+                                 const CountDivisor<T>& divide_by_count, Add&& add) {
   for (int i = 0; i < kTaps; ++i) {
     const int64_t row = ty.index[i] * width;
     for (int j = 0; j < kTaps; ++j) {
-      add(row + tx.index[j], grad * (ty.weight[i] * tx.weight[j]) / count);
+      add(row + tx.index[j], divide_by_count(grad * (ty.weight[i] * tx.weight[j])));
     }
   }
 }

@@ -5,10 +5,12 @@
 #include <torch/library.h>
 
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "op_checks.h"
 #include "roi_align_cpu.h"
+#include "roi_align_cpu_f32.h"
 
 namespace maskrcnn_ops {
 namespace {
@@ -57,6 +59,13 @@ at::Tensor pooled_forward(at::TensorList features, const at::Tensor& rois,
         rois_c.const_data_ptr<T>(),
         levels_c.defined() ? levels_c.const_data_ptr<int64_t>() : nullptr, num_rois, levels,
         batch_size, pooled_h, pooled_w, sampling_ratio, aligned);
+    if constexpr (std::is_same_v<T, float>) {
+      if (cpu::fits_column_windows(levels, K, pooled_w)) {
+        cpu::pool_forward_f32<K>(plan, levels, batch_size, channels, pooled_h, pooled_w,
+                                 out.mutable_data_ptr<T>());
+        return;
+      }
+    }
     cpu::pool_forward<T, K>(plan, levels, batch_size, channels, pooled_h, pooled_w,
                             out.mutable_data_ptr<T>());
   });
@@ -99,6 +108,13 @@ std::vector<at::Tensor> pooled_backward(const at::Tensor& grad, const at::Tensor
         rois_c.const_data_ptr<T>(),
         levels_c.defined() ? levels_c.const_data_ptr<int64_t>() : nullptr, grad.size(0), levels,
         batch_size, pooled_h, pooled_w, sampling_ratio, aligned);
+    if constexpr (std::is_same_v<T, float>) {
+      if (cpu::fits_column_windows(levels, K, pooled_w)) {
+        cpu::pool_backward_f32<K>(plan, levels, batch_size, channels, pooled_h, pooled_w,
+                                  grad_c.const_data_ptr<T>());
+        return;
+      }
+    }
     cpu::pool_backward<T, K>(plan, levels, batch_size, channels, pooled_h, pooled_w,
                              grad_c.const_data_ptr<T>());
   });

@@ -11,10 +11,15 @@
 //  * Each plane is owned by exactly one task, so the backward pass accumulates into the gradient
 //    without atomics or per-thread buffers, and, within a plane, in increasing RoI order (the order
 //    of torchvision's sequential kernel).
+//  * One parallel region per call, threads taking planes from a shared counter (see
+//    for_each_plane); the small per-RoI set-up stays serial.
+// This file is the generic engine (any dtype, any map size); float32 features take the vectorised
+// loops of roi_align_cpu_f32.h where they apply.
 #pragma once
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <vector>
 
 #include "op_checks.h"
@@ -40,7 +45,8 @@ struct SamplingPlan {
   std::vector<AxisTaps<T, kTaps>> y_taps;  // PH * grid_h per RoI, bin-major
   std::vector<AxisTaps<T, kTaps>> x_taps;  // PW * grid_w per RoI
   std::vector<int64_t> group_start;        // RoIs of group g = level * N + batch ...
-  std::vector<int64_t> grouped_rois;       // ... are grouped_rois[group_start[g] .. g + 1]
+  std::vector<int64_t> grouped_rois;       // ... are grouped_rois[group_start[g] .. g + 1],
+                                           // in increasing order (torchvision's accumulation order)
 };
 
 // `roi_levels` may be null (everything on level 0).
@@ -73,8 +79,10 @@ SamplingPlan<T, kTaps> make_sampling_plan(const T* rois, const int64_t* roi_leve
   }
   plan.y_taps.resize(plan.y_offset[num_rois]);
   plan.x_taps.resize(plan.x_offset[num_rois]);
-  at::parallel_for(0, num_rois, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
+  // Serial: a few taps per RoI is little work, and each parallel region costs a thread wake-up,
+  // which on a loaded machine can take milliseconds.
+  {
+    for (int64_t k = 0; k < num_rois; ++k) {
       const RoiWindow<T>& win = plan.windows[k];
       const int64_t level = roi_levels != nullptr ? roi_levels[k] : 0;
       const int height = static_cast<int>(levels[level].height);
@@ -94,7 +102,7 @@ SamplingPlan<T, kTaps> make_sampling_plan(const T* rois, const int64_t* roi_leve
         }
       }
     }
-  });
+  }
   // Stable counting sort of the RoIs by (level, batch).
   const int64_t num_groups = num_levels * batch_size;
   plan.group_start.assign(num_groups + 1, 0);
@@ -106,15 +114,19 @@ SamplingPlan<T, kTaps> make_sampling_plan(const T* rois, const int64_t* roi_leve
   return plan;
 }
 
-// Calls fn(plane_index, level, batch, channel) for every (level, batch, channel) plane that some
-// RoI reads, in parallel, each plane on exactly one thread. Channel-major order spreads every
-// level over all threads, so the threads get similar work.
+// Calls fn(group, level, batch, channel) for every (level, batch, channel) plane that some RoI
+// reads, in parallel, each plane on exactly one thread. The threads take planes one at a time from
+// a shared counter rather than fixed halves of the list: on a loaded machine a thread that gets
+// less CPU time then simply does fewer planes instead of holding everyone up at the end.
 template <typename Fn>
 void for_each_plane(int64_t num_levels, int64_t batch_size, int64_t channels,
                     const std::vector<int64_t>& group_start, Fn&& fn) {
   const int64_t num_groups = num_levels * batch_size;
-  at::parallel_for(0, channels * num_groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
+  const int64_t num_planes = channels * num_groups;
+  std::atomic<int64_t> next_plane{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t p = next_plane++; p < num_planes; p = next_plane++) {
+      // Channel-major: concurrent threads work on the same channel's levels and images.
       const int64_t channel = p / num_groups;
       const int64_t group = p % num_groups;
       if (group_start[group] == group_start[group + 1]) continue;
@@ -129,7 +141,8 @@ template <typename T, int kTaps>
 inline void pool_roi_plane(const T* __restrict plane, int64_t width,
                            const AxisTaps<T, kTaps>* __restrict ty,
                            const AxisTaps<T, kTaps>* __restrict tx, int grid_h, int grid_w,
-                           T count, int pooled_h, int pooled_w, T* __restrict out) {
+                           const CountDivisor<T>& divide_by_count, int pooled_h,
+                           int pooled_w, T* __restrict out) {
   for (int ph = 0; ph < pooled_h; ++ph) {
     const AxisTaps<T, kTaps>* rows = ty + ph * grid_h;
     for (int pw = 0; pw < pooled_w; ++pw) {
@@ -144,7 +157,7 @@ inline void pool_roi_plane(const T* __restrict plane, int64_t width,
           sum += interpolate(plane, width, row, col);
         }
       }
-      out[ph * pooled_w + pw] = sum / count;
+      out[ph * pooled_w + pw] = divide_by_count(sum);
     }
   }
 }
@@ -165,7 +178,7 @@ void pool_forward(const SamplingPlan<T, kTaps>& plan,
           const RoiWindow<T>& win = plan.windows[k];
           pool_roi_plane<T, kTaps>(plane, lv.width, plan.y_taps.data() + plan.y_offset[k],
                                    plan.x_taps.data() + plan.x_offset[k], win.grid_h,
-                                   win.grid_w, win.count, pooled_h, pooled_w,
+                                   win.grid_w, win.divide_by_count, pooled_h, pooled_w,
                                    out + (k * channels + channel) * bins);
         }
       });
@@ -198,7 +211,7 @@ void pool_backward(const SamplingPlan<T, kTaps>& plan, const std::vector<LevelPl
                 for (int ix = 0; ix < win.grid_w; ++ix) {
                   const AxisTaps<T, kTaps>& col = tx[pw * win.grid_w + ix];
                   if (!col.valid) continue;
-                  scatter_gradient(lv.width, row, col, grad, win.count, add);
+                  scatter_gradient(lv.width, row, col, grad, win.divide_by_count, add);
                 }
               }
             }

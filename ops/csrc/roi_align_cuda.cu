@@ -95,7 +95,7 @@ __global__ void pool_forward_kernel(int64_t total, LevelTable<const scalar_t> le
         sum += interpolate(plane, width, ty, tx);
       }
     }
-    out[index] = static_cast<scalar_t>(sum / e.win.count);
+    out[index] = static_cast<scalar_t>(e.win.divide_by_count(sum));
   }
 }
 
@@ -130,7 +130,7 @@ __global__ void pool_backward_kernel(int64_t total, LevelTable<scalar_t> grads, 
         axis_taps(sample_coordinate(e.win.start_w, e.pw, e.win.bin_w, ix, e.win.grid_w), width,
                   tx);
         if (!tx.valid) continue;
-        scatter_gradient(width, ty, tx, grad, e.win.count, add);
+        scatter_gradient(width, ty, tx, grad, e.win.divide_by_count, add);
       }
     }
   }

@@ -49,20 +49,43 @@ def test_matches_multiscale_roi_align(device, dtype, sampling_ratio):
         assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_forward_and_backward_match_reference(device, mode, aligned):
-    features = [f.requires_grad_() for f in make_pyramid(device, torch.float64)]
-    rois = make_rois(device, torch.float64, n=16)
+def test_forward_and_backward_match_reference(device, dtype, mode, aligned):
+    features = [f.requires_grad_() for f in make_pyramid(device, dtype)]
+    rois = make_rois(device, dtype, n=16)
+    tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {}
     out = ops.multilevel_roi_align(features, rois, 3, 2, aligned, mode=mode)
     ref_features = [f.detach().clone().requires_grad_() for f in features]
     expected = reference.multilevel_roi_align(ref_features, rois, 3, 2, aligned, mode=mode)
-    assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    assert_close(out, expected, **tolerance)
     grad = torch.randn_like(out)
     out.backward(grad)
     expected.backward(grad)
     for ours, theirs in zip(features, ref_features, strict=True):
-        assert_close(ours.grad, theirs.grad, rtol=1e-10, atol=1e-12)
+        assert_close(ours.grad, theirs.grad, **tolerance)
+
+
+def test_backward_matches_multiscale_roi_align(device):
+    features = [f.requires_grad_() for f in make_pyramid(device)]
+    rois = make_rois(device)
+    out = ops.multilevel_roi_align(features, rois, 5, 2, aligned=False)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    tv_features = [f.detach().clone().requires_grad_() for f in features]
+    pooler = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 5, 2)
+    expected = pooler(
+        OrderedDict((str(i), f) for i, f in enumerate(tv_features)),
+        per_image_boxes(rois, 2),
+        [(IMAGE_H, IMAGE_W)] * 2,
+    )
+    expected.backward(grad)
+    for ours, theirs in zip(features, tv_features, strict=True):
+        if device.type == "cpu":
+            assert torch.equal(ours.grad, theirs.grad)
+        else:
+            assert_close(ours.grad, theirs.grad)
 
 
 def test_equals_roi_align_per_level(device):

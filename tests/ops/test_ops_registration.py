@@ -63,17 +63,34 @@ def test_opcheck_nms(device):
 def test_compile_fullgraph_cpu():
     torch._dynamo.reset()
 
-    def head(features, rois):
-        return ops.roi_align(features * 2, rois, 3, 0.5, 2).relu().mean(dim=(2, 3))
+    def head(features, coarse, rois):
+        single = ops.roi_align(features * 2, rois, 3, 0.5, 2).relu().mean(dim=(2, 3))
+        pyramid = ops.multilevel_roi_align([features, coarse], rois, 2, spatial_scales=[0.5, 0.25])
+        return single + pyramid.mean(dim=(2, 3))
 
     x = torch.randn(2, 3, 10, 12, requires_grad=True)
+    coarse = torch.randn(2, 3, 5, 6, requires_grad=True)
     rois = to_rois(random_boxes(6, 20, 24, 2, 20), 2)
     compiled = torch.compile(head, fullgraph=True)
-    out = compiled(x, rois)
-    assert_close(out, head(x, rois))
-    (grad,) = torch.autograd.grad(out.sum(), x)
-    (expected,) = torch.autograd.grad(head(x, rois).sum(), x)
-    assert_close(grad, expected)
+    out = compiled(x, coarse, rois)
+    assert_close(out, head(x, coarse, rois))
+    grads = torch.autograd.grad(out.sum(), (x, coarse))
+    expected = torch.autograd.grad(head(x, coarse, rois).sum(), (x, coarse))
+    assert_close(grads, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_multilevel_is_one_kernel_launch():
+    features = [torch.randn(2, 4, 256 // s, 320 // s, device="cuda") for s in (4, 8, 16, 32)]
+    rois = to_rois(random_boxes(50, 256, 320, 8, 600), 2).cuda()
+    ops.multilevel_roi_align(features, rois, 7)  # warm-up
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        ops.multilevel_roi_align(features, rois, 7)
+        torch.cuda.synchronize()
+    pooling = [e for e in profile.events() if "pool_forward_kernel" in e.name]
+    assert len(pooling) == 1, [e.name for e in profile.events()]
 
 
 def test_fallback_to_reference_without_kernels():
