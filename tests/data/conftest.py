@@ -1,18 +1,13 @@
 """Tiny shapes datasets and their shards, generated once per test session."""
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
+from data_helpers import IMAGE_SIZE, SHARD_SIZE, TRAIN_IMAGES, VAL_IMAGES
 
 from pipeline.data.shapes import make_shapes_dataset
 from pipeline.data.sharding import build_shards
-
-TRAIN_IMAGES = 23  # shard size 5 -> 5 shards of 5, 5, 5, 5, 3: uneven on purpose
-VAL_IMAGES = 11
-SHARD_SIZE = 5
-IMAGE_SIZE = 96
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +49,3 @@ def shard_copy(train_shards, tmp_path) -> Path:
     out = tmp_path / "shards"
     shutil.copytree(train_shards, out)
     return out
-
-
-def load_json(path: Path):
-    return json.loads(Path(path).read_text())

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 import torch
-from conftest import TRAIN_IMAGES, VAL_IMAGES, load_json
+from data_helpers import TRAIN_IMAGES, VAL_IMAGES, load_json
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARD_SIZE, TRAIN_IMAGES, load_json
+from data_helpers import SHARD_SIZE, TRAIN_IMAGES, load_json
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
