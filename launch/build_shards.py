@@ -3,13 +3,20 @@
 One process:   build_shards.py --annotations A.json --images DIR --out OUT --workers 8
 Slurm array:   build_shards.py ... --shard-index $SLURM_ARRAY_TASK_ID --num-shard-jobs N
 then once:     build_shards.py ... --merge-only
+
+The run that writes index.json (a single run, or the merge of an array) is tracked in
+MLflow: its arguments, counts, images/s, the manifest and the skip report. The URI is
+--tracking-uri, else MLFLOW_TRACKING_URI, else a SQLite file in OUT/mlflow/.
 """
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
 from pipeline.data.coco import CocoFormatError
 from pipeline.data.sharding import IncompleteShards, build_shards, merge_only
+from pipeline.tracking import Tracker
 
 
 def main(argv=None) -> int:
@@ -27,7 +34,11 @@ def main(argv=None) -> int:
         "--merge-only", action="store_true", help="check all shards, write index.json"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI")
+    parser.add_argument("--experiment", default="maskrcnn", help="MLflow experiment")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     args = parser.parse_args(argv)
+    start = time.monotonic()
     try:
         if args.merge_only:
             index = merge_only(args.annotations, args.out, shard_size=args.shard_size)
@@ -36,6 +47,7 @@ def main(argv=None) -> int:
                 f"{args.out}; skipped {index['skipped_images']} images, dropped "
                 f"{index['dropped_annotations']} annotations"
             )
+            track(args, index, time.monotonic() - start, images=index["total_samples"])
             return 0 if index["total_samples"] else 1
         summary = build_shards(
             args.annotations,
@@ -55,8 +67,35 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(summary.line())
+    if summary.index is not None:
+        track(args, summary.index, time.monotonic() - start, images=summary.samples)
     handled = summary.shards_built or summary.shards_kept
     return 1 if handled and summary.samples == 0 else 0
+
+
+def track(args: argparse.Namespace, index: dict, seconds: float, images: int) -> None:
+    """Log the run that wrote the manifest; a tracking failure only warns (see Tracker)."""
+    if args.no_tracking:
+        return
+    out = Path(args.out)
+    with Tracker(
+        run_dir=out / "mlflow", stage="shards", uri=args.tracking_uri,
+        experiment=args.experiment, run_name=f"shards-{out.name}", resume=False,
+    ) as tracker:  # fmt: skip
+        tracker.log_params({k: v for k, v in vars(args).items() if k != "no_tracking"})
+        tracker.log_metrics(
+            {
+                "samples": index["total_samples"],
+                "shards": len(index["shards"]),
+                "skipped_images": index.get("skipped_images", 0),
+                "dropped_annotations": index.get("dropped_annotations", 0),
+                "images_per_s": images / max(seconds, 1e-9),
+            },
+            step=0,
+        )
+        for name in ("index.json", "skipped.json"):
+            if (out / name).exists():
+                tracker.log_artifact(out / name)
 
 
 if __name__ == "__main__":
