@@ -68,27 +68,35 @@ def paste_masks_in_image(
     box_w = (int_boxes[:, 2] - x0 + 1).clamp(min=1)
     box_h = (int_boxes[:, 3] - y0 + 1).clamp(min=1)
     # Each crop covers the part of its box inside the image; a chunk's crops share the largest
-    # such size.
+    # such size. Detections are grouped by the power of two of their longer crop side first, so
+    # one big box does not make every small mask of its chunk pay for a full-image crop.
     crop_x0, crop_y0 = x0.clamp(0, width), y0.clamp(0, height)
     crop_w = ((x0 + box_w).clamp(max=width) - crop_x0).clamp(min=0)
     crop_h = ((y0 + box_h).clamp(max=height) - crop_y0).clamp(min=0)
-    max_h, max_w = max(1, int(crop_h.max())), max(1, int(crop_w.max()))
-    # Temporaries per element: the crop (float32) and its scatter index (int64).
-    chunk = max(1, max_chunk_bytes // (max_h * max_w * 12))
+    size_class = torch.maximum(crop_h, crop_w).clamp(min=1).to(torch.float32).log2().ceil()
     out_flat = out.view(-1)
-    for start in range(0, num, chunk):
-        sl = slice(start, start + chunk)
-        rows = _interpolation_matrix(crop_y0[sl] - y0[sl], box_h[sl], padded.shape[-1], max_h)
-        cols = _interpolation_matrix(crop_x0[sl] - x0[sl], box_w[sl], padded.shape[-1], max_w)
-        crops = torch.bmm(torch.bmm(rows, padded[sl]), cols.transpose(1, 2))  # [n, max_h, max_w]
-        offs_y = torch.arange(max_h, device=masks.device)
-        offs_x = torch.arange(max_w, device=masks.device)
-        valid = (offs_y[None, :, None] < crop_h[sl, None, None]) & (
-            offs_x[None, None, :] < crop_w[sl, None, None]
-        )
-        image = torch.arange(start, start + crops.shape[0], device=masks.device)
-        ys = crop_y0[sl, None] + offs_y[None, :]
-        xs = crop_x0[sl, None] + offs_x[None, :]
-        flat_index = (image[:, None, None] * height + ys[:, :, None]) * width + xs[:, None, :]
-        out_flat[flat_index[valid]] = crops[valid]
+    for group in size_class.unique():
+        members = (size_class == group).nonzero().flatten()
+        max_h = max(1, int(crop_h[members].max()))
+        max_w = max(1, int(crop_w[members].max()))
+        # Temporaries per element: the crop (float32) and its scatter index (int64).
+        chunk = max(1, max_chunk_bytes // (max_h * max_w * 12))
+        for start in range(0, members.numel(), chunk):
+            sel = members[start : start + chunk]
+            rows = _interpolation_matrix(
+                crop_y0[sel] - y0[sel], box_h[sel], padded.shape[-1], max_h
+            )
+            cols = _interpolation_matrix(
+                crop_x0[sel] - x0[sel], box_w[sel], padded.shape[-1], max_w
+            )
+            crops = torch.bmm(torch.bmm(rows, padded[sel]), cols.transpose(1, 2))  # [n, mh, mw]
+            offs_y = torch.arange(max_h, device=masks.device)
+            offs_x = torch.arange(max_w, device=masks.device)
+            valid = (offs_y[None, :, None] < crop_h[sel, None, None]) & (
+                offs_x[None, None, :] < crop_w[sel, None, None]
+            )
+            ys = crop_y0[sel, None] + offs_y[None, :]
+            xs = crop_x0[sel, None] + offs_x[None, :]
+            flat_index = (sel[:, None, None] * height + ys[:, :, None]) * width + xs[:, None, :]
+            out_flat[flat_index[valid]] = crops[valid]
     return out
