@@ -170,7 +170,7 @@ def _check_tree(data: dict, prefix: str, source: str):
 
 
 def _check_key(dotted: str, source: str):
-    keys = all_keys()
+    keys = _schema_keys()
     if dotted in keys:
         return
     close = _closest_key(dotted, keys)
@@ -178,7 +178,13 @@ def _check_key(dotted: str, source: str):
     raise ConfigError(f"{source}: unknown key '{dotted}'{hint}")
 
 
-def _closest_key(dotted: str, keys: list[str]) -> str | None:
+@cache
+def _schema_keys() -> tuple[str, ...]:
+    """``all_keys()`` of the schema, walked once: every key of every file is checked against it."""
+    return tuple(all_keys())
+
+
+def _closest_key(dotted: str, keys: tuple[str, ...]) -> str | None:
     """A sibling in the same section first (prefix match, then spelling), else any key."""
     section, _, leaf = dotted.rpartition(".")
     if not section or _is_section(section):
