@@ -1,0 +1,16 @@
+"""The train stage: the loop, checkpoints, strategies (DDP, DeepSpeed) and schedules.
+
+Uses ``modeling``, ``data`` and ``tracking``; never ``evaluation``."""
+
+from .checkpoint import CheckpointError, latest_entry, load_file_checkpoint
+from .loop import NonFiniteLossError, train
+from .preemption import PREEMPTED_EXIT_CODE
+
+__all__ = [
+    "PREEMPTED_EXIT_CODE",
+    "CheckpointError",
+    "NonFiniteLossError",
+    "latest_entry",
+    "load_file_checkpoint",
+    "train",
+]

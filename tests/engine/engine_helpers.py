@@ -1,0 +1,88 @@
+"""Helpers shared by the train-stage tests (a unique module name: no conftest imports)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def tiny_overrides(shards: dict[str, Path], out: Path, **extra) -> list[str]:
+    """Overrides that point the tiny config at the test shards and a run directory."""
+    values = {
+        "data.train_shards": shards["train"],
+        "data.val_shards": shards["val"],
+        "train.output_dir": out,
+        "tracking.enabled": "false",
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def tiny_config(shards, out, **extra):
+    return load_config(TINY, tiny_overrides(shards, out, **extra))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_env(**extra) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def train_command(nproc: int, overrides: list[str], *torchrun_args: str) -> list[str]:
+    script = [str(REPO / "launch" / "train.py"), "--config", str(TINY), *overrides]
+    if nproc == 0:  # plain python, no launcher
+        return [sys.executable, *script]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        *torchrun_args,
+        *script,
+    ]
+
+
+def run_train(
+    nproc: int,
+    overrides: list[str],
+    *torchrun_args: str,
+    timeout: int = 300,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        train_command(nproc, overrides, *torchrun_args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or train_env(),
+    )
+
+
+def checkpoint_state(out: Path, step: int | None = None) -> dict:
+    ckpt = out / "checkpoints"
+    name = (ckpt / "latest").read_text().strip() if step is None else f"step_{step:07d}.pt"
+    return torch.load(ckpt / name, map_location="cpu", weights_only=True)
+
+
+def max_param_difference(a: dict, b: dict) -> float:
+    return max(
+        float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point()
+    )
