@@ -9,6 +9,7 @@ import logging
 import sys
 
 from pipeline.config import ConfigError, parse_config_args
+from pipeline.data.loader import SampleDecodeError
 from pipeline.engine import CheckpointError, NonFiniteLossError, train
 
 
@@ -19,7 +20,7 @@ def main(argv=None) -> int:
     )
     try:
         return train(cfg)
-    except (ConfigError, CheckpointError, NonFiniteLossError) as error:
+    except (ConfigError, CheckpointError, NonFiniteLossError, SampleDecodeError) as error:
         print(f"train: error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
 

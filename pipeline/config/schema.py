@@ -18,7 +18,13 @@ class BackboneConfig:
     """ResNet depth."""
     frozen_stages: int = 1
     """Number of leading stages whose weights are frozen: 0 trains everything, 1 freezes the
-    stem, k freezes the stem and res2..res(k). BatchNorm is always frozen."""
+    stem, k freezes the stem and res2..res(k)."""
+    norm: Literal["frozen_bn", "bn", "sync_bn", "gn"] = "frozen_bn"
+    """Normalization of the ResNet body. frozen_bn: BatchNorm frozen and folded into the
+    convolutions (for fine-tuning pretrained weights; exact torchvision compatibility).
+    bn: trainable BatchNorm with batch statistics. sync_bn: bn whose statistics are
+    averaged over all ranks (converted under DDP). gn: GroupNorm with 32 groups. From
+    scratch, pick bn, sync_bn or gn: frozen_bn leaves the network unnormalized."""
     fpn_channels: int = 256
     """Channel width of every FPN level (P2-P6)."""
 
@@ -137,9 +143,11 @@ class ModelConfig:
     """The box and mask heads."""
     focal: FocalLossConfig = field(default_factory=FocalLossConfig)
     """Focal-loss parameters, used wherever a focal loss is selected."""
-    weights: str = ""
-    """Checkpoint to initialise the model from (ours, or one from launch/convert_torchvision.py).
-    Empty: random initialisation."""
+    fpn_norm: Literal["none", "gn"] = "none"
+    """Normalization of the FPN convolutions: none, or GroupNorm (32 groups)."""
+    head_norm: Literal["none", "gn"] = "none"
+    """Normalization of the box head (then 4 convolutions + 1 FC, detectron2's 4conv1fc) and
+    of the mask head convolutions: none, or GroupNorm (32 groups)."""
     channels_last: bool = True
     """Run the convolutions in channels_last (NHWC) memory format: faster on CPUs (oneDNN).
     Numerics-neutral; set false if a device runs NCHW faster."""
@@ -156,11 +164,16 @@ class DataConfig:
     num_workers: int = 2
     """Data-loading worker processes per rank."""
     shuffle_buffer: int = 256
-    """Samples held in the shuffle buffer of the training stream."""
+    """Window of consecutive samples (in the epoch's shard order) shuffled together; costs no
+    memory."""
     epoch_samples: int = 0
-    """Samples each rank draws per epoch; 0: the dataset size divided by the world size."""
+    """Global samples per epoch (all ranks together); 0: the dataset size. Each rank gets
+    ceil(epoch_samples / (world_size x batch_size)) batches."""
     flip_prob: float = 0.5
     """Probability of a horizontal flip in training."""
+    max_decode_failures: int = 50
+    """Consecutive samples a loader worker may fail to read or decode before it stops the job
+    with an error naming the shard."""
     seed: int = 0
     """Seed of the shard and sample order."""
 
@@ -168,33 +181,52 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "outputs/run"
-    """Directory for checkpoints, logs, the resolved config and evaluation results."""
+    """Run directory: config.yaml (resolved), checkpoints/ (one entry per saved step and a
+    `latest` pointer), run.json (the MLflow run), metrics.jsonl and the loss curve."""
     batch_size: int = 2
-    """Images per step on each process; the global batch is this times the world size."""
+    """Images per step on each process; the global batch is this times the world size
+    (times grad_accum_steps)."""
+    grad_accum_steps: int = 1
+    """Micro-batches whose gradients are accumulated into one optimizer step."""
     max_steps: int = 1000
-    """Optimiser steps in the whole run."""
+    """Optimizer steps in the whole run (a resumed run continues up to this)."""
     lr: float = 0.02
-    """Base learning rate for 16 images per step; scale it linearly with the global batch."""
+    """Learning rate at the reference batch size; scaled linearly to the global batch."""
+    reference_batch_size: int = 16
+    """Global batch that `lr` is meant for: lr * global_batch / reference_batch_size is used."""
     momentum: float = 0.9
     """SGD momentum."""
     weight_decay: float = 1e-4
-    """L2 weight decay (not applied to norms and biases)."""
+    """L2 weight decay (not applied to norm weights and biases)."""
     warmup_iters: int = 100
-    """Iterations of linear learning-rate warm-up."""
+    """Steps of linear learning-rate warm-up."""
     warmup_factor: float = 0.001
-    """Learning-rate factor at the first warm-up iteration."""
+    """Learning-rate factor at the first warm-up step."""
+    lr_schedule: Literal["multistep", "cosine"] = "multistep"
+    """Decay after the warm-up: multiply by lr_gamma at each of lr_steps, or cosine to 0."""
     lr_steps: list[int] = field(default_factory=lambda: [700, 900])
-    """Iterations at which the learning rate is multiplied by gamma."""
+    """Steps at which the multistep schedule multiplies the learning rate by lr_gamma."""
     lr_gamma: float = 0.1
-    """Learning-rate decay factor at each step."""
+    """Learning-rate factor at each of lr_steps."""
     clip_grad_norm: float = 0.0
-    """Clip the gradient norm to this; 0 disables clipping."""
-    amp: bool = False
-    """Mixed precision (bfloat16 autocast) on GPUs."""
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    """Mixed precision: autocast in bf16 or fp16 (fp16 with a grad scaler, CUDA only)."""
     checkpoint_every: int = 500
-    """Save a checkpoint every this many iterations (and at the end)."""
+    """Save a checkpoint every this many steps (and always at the end)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept in output_dir/checkpoints (the oldest are deleted); 0 keeps all."""
+    resume: str = "auto"
+    """auto: continue from the latest checkpoint in output_dir if there is one; never: start
+    fresh; or a checkpoint path. Resuming restores everything and is strict."""
+    init_from: str = ""
+    """Weights to start from, with a fresh schedule at step 0: our checkpoint, a converted
+    torchvision Mask R-CNN (mismatched predictors re-initialised) or a torchvision ImageNet
+    ResNet state dict (backbone only)."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss is NaN or Inf is skipped; this many in a row stop the run."""
     log_every: int = 20
-    """Log losses every this many iterations."""
+    """Print and log losses, lr, images/s and the data-wait share every this many steps."""
     seed: int = 42
     """Seed of the model initialisation and of every random draw in training."""
 
@@ -204,11 +236,22 @@ class EvalConfig:
     batch_size: int = 2
     """Images per inference batch on each rank."""
     iou_types: list[str] = field(default_factory=lambda: ["bbox", "segm"])
-    """COCO metrics to compute."""
+    """COCO metrics to compute: bbox, segm or both."""
     mask_threshold: float = 0.5
     """Probability above which a pasted mask pixel is foreground."""
-    weights: str = ""
-    """Checkpoint to evaluate; empty: the last checkpoint of output_dir."""
+    backend: Literal["auto", "pycocotools", "faster"] = "auto"
+    """COCOeval implementation: pycocotools (the reference), faster (faster-coco-eval, same
+    numbers, several times faster), or auto (faster when installed)."""
+    num_pictures: int = 8
+    """Validation images drawn with their predictions beside the ground truth (PNG, logged
+    to MLflow); 0 draws none."""
+    picture_score_thresh: float = 0.5
+    """Detections with a score below this are left out of the pictures (not the metrics)."""
+    watch_poll_s: float = 10.0
+    """With --watch: seconds between two looks at the training run's checkpoints/latest."""
+    watch_idle_timeout_s: float = 0.0
+    """With --watch: stop when no new checkpoint appeared for this long (a training job that
+    died without finishing); 0 waits until training writes checkpoints/FINISHED."""
 
 
 @dataclass
@@ -219,10 +262,11 @@ class DistributedConfig:
     """Process-group backend; auto picks nccl with GPUs and gloo without."""
     zero_stage: Literal[0, 1, 2] = 1
     """DeepSpeed ZeRO stage (deepspeed strategy only)."""
+    bucket_mb: int = 25
+    """Gradient all-reduce bucket size in MB (DDP's bucket_cap_mb, DeepSpeed's
+    reduce_bucket_size and allgather_bucket_size)."""
     timeout_s: int = 1800
     """Collective timeout in seconds; a dead rank fails the job after at most this."""
-    find_unused_parameters: bool = False
-    """DDP's find_unused_parameters."""
 
 
 @dataclass

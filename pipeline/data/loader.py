@@ -1,53 +1,74 @@
-"""Streaming, multi-rank loaders over the WebDataset shards written by ``sharding.py``.
+"""The multi-rank training loader over the WebDataset shards written by ``sharding.py``.
 
-Training (``ShardTrainLoader``): equal batches on every rank, always.
-    Each rank draws ``batches_per_epoch = ceil(S / batch_size)`` batches per epoch, where S
-    is ``epoch_samples`` or ``ceil(total_samples / world_size)``, whatever the shards hold.
-    Batch i of an epoch is built by (logical) worker ``i % num_workers`` (its
-    ``i // num_workers``-th batch), which is exactly how the DataLoader's round robin
-    interleaves workers, so worker w makes ``nb // W + (w < nb % W)`` batches. (On a
-    restore mid-epoch, DataLoader process p plays worker ``(p + start) % W``.) Every worker
-    reads an infinite stream: shards drawn with replacement (weighted by their sample counts)
-    from ALL shards, by an RNG seeded with (seed, epoch, rank, worker), through a shuffle
-    buffer. No worker is ever empty (fewer shards than ranks x workers is fine), no rank runs
-    short when shards are uneven, truncated or corrupt, so DDP never waits on a missing batch.
-    The price: within an epoch a sample may repeat or be missed (sampling with replacement).
+Order: a function of (seed, epoch, global position), independent of the world size.
+    Let N be the samples of the manifest. The epoch is a sequence of GLOBAL positions 0, 1,
+    2, ...; position p lies in cycle ``k = p // N``. Cycle k lists the shards in a seeded
+    permutation (seed, epoch, k), each shard's samples in tar order, and shuffles that list
+    inside consecutive windows of ``shuffle_buffer`` samples (seed, epoch, k, window); a
+    window may straddle two shards. The window is arithmetic, not a buffer: its size costs
+    no memory, only locality. A cycle visits every sample once; an epoch longer than N
+    wraps into the next cycle's permutation.
 
-    Position and restore: the loader counts (epoch, batches yielded in it); ``state_dict()``
-    returns them, ``load_state_dict()`` sets them. Iterating always continues from the
-    position: each worker rebuilds its epoch stream from the same seed and skips the raw
-    (undecoded) samples of the batches already consumed, so the next batch is bit-identical
-    to the one an uninterrupted run would have produced. (One exception: a sample that is
-    read from its tar but fails to DECODE is replaced by the next one; fast-forwarding does
-    not decode, so such a failure inside the skipped batches shifts the restored stream.)
-    Per-sample augmentation draws (flip, scale) come from an RNG seeded by the sample's
-    position, not by a running RNG.
+Ranks and batches: every rank gets the same number of batches, always.
+    An epoch is ``epoch_samples`` GLOBAL samples (0: N). With the global batch
+    ``G = world_size * batch_size``, each rank has ``batches_per_epoch = ceil(epoch_samples /
+    G)`` batches (the last global batch runs on into the next cycle), so DDP never waits on
+    a missing batch. Global batch t of an iteration starting at position c holds positions
+    ``[c + t*G, c + (t+1)*G)``; rank r takes the contiguous block from ``c + t*G + r*B``
+    (B = batch_size). The rank's batch t is built by DataLoader worker ``t % num_workers``,
+    which is how the DataLoader's round robin interleaves its workers.
 
-Evaluation (``ShardEvalLoader``): every sample exactly once across ranks.
-    Sample g (global index in manifest order: shard by shard, then position in the shard)
-    belongs to rank ``g % world_size``; within the rank, its j-th sample (``j = g //
-    world_size``) goes to worker ``j % num_workers``. Ranks may get one batch more or less.
+Position and restore: arithmetic and seeking, never reading what was consumed.
+    ``state_dict()`` is the same dict on every rank and holds no rank, world size, batch size
+    or worker count: ``{"epoch", "samples_consumed" (global positions of the epoch handed
+    out), "epoch_samples", "seed", "shuffle_window", "total_samples", "dataset" (a digest of
+    the shard list)}``. ``load_state_dict`` continues the same epoch at the same global
+    position for ``ceil((epoch_samples - samples_consumed) / G)`` more batches, whatever G is
+    now; it refuses a state whose order this loader would not reproduce (other seed, epoch
+    length, window or shards). A worker reads its shards at random access
+    (``shard_reader.py``): the first time it needs a shard it scans the tar headers (512
+    bytes each, seeking over the data) into a table of member offsets, kept for the 16 most
+    recent shards, then reads only the members of the samples it uses. A restore costs the
+    header scans of the shards of the next batches plus those batches: seconds. With the
+    same G and workers the restored batches are bit-identical to an uninterrupted run's;
+    with others, every position still holds the same sample with the same augmentation.
 
-A shard that cannot be read (missing, truncated, corrupt member) is skipped with a warning
-that names it and counts the failures so far (``CountingHandler``); the stream goes on.
-A sample that does not decode is reported the same way and replaced by the next one.
+Augmentation: the scale and the flip of a position are drawn from an RNG seeded by (seed,
+    epoch, position), not by a running RNG.
+
+Bad data: reported, replaced, bounded.
+    A shard that cannot be opened, is not a tar, or holds fewer samples than the manifest
+    says (truncated, damaged) is reported once per worker with a warning naming it
+    (``CountingHandler``); its missing samples count as failures. A sample that fails to
+    read or decode is reported (key and shard) and replaced by a sample drawn from (seed,
+    epoch, position, attempt), so a restore reproduces the replacement too. After
+    ``max_decode_failures`` consecutive failures a worker raises ``SampleDecodeError``, one
+    line naming the shard and the sample; the DataLoader re-raises it in the main process,
+    and the job stops instead of every other rank waiting in the all-reduce.
 
 Workers build whole batches, images already float 0-1, packed into three shared-memory
 tensors (``transforms.pack_batch``): each tensor sent from a worker costs a file-descriptor
 hand-over, which with per-image tensors was as expensive as the decoding.
+
+Evaluation (``eval_loader.py``) reads its shards sequentially through ``shard_samples``.
 """
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import json
 import logging
 import math
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .manifest import ShardInfo, ShardManifest, read_manifest
+from .shard_reader import SampleMissing, ShardReader, ShardShortError
 from .transforms import make_example, pack_batch, unpack_batch
 
 log = logging.getLogger(__name__)
@@ -74,15 +95,22 @@ class CountingHandler:
         return True
 
 
-class ShardShortError(OSError):
-    def __init__(self, shard: ShardInfo, count: int):
-        super().__init__(
-            f"{count} of {shard.samples} samples readable (truncated or damaged)", shard.path
-        )
+class SampleDecodeError(RuntimeError):
+    """A worker could not get a sample in ``max_decode_failures`` consecutive attempts.
+    The message is one line naming the shard and the sample."""
+
+    @classmethod
+    def one_line(cls, error: Exception) -> str:
+        """The original line of an error the DataLoader re-raised from a worker (its message
+        is then the worker's whole traceback, ending in ``...SampleDecodeError: line``)."""
+        lines = str(error).strip().splitlines() or [""]
+        marker = f"{cls.__name__}: "
+        return lines[-1].split(marker, 1)[1] if marker in lines[-1] else lines[-1]
 
 
 def shard_samples(shard: ShardInfo, handler: CountingHandler) -> Iterator[dict]:
-    """The raw samples of one shard (dicts of extension -> bytes); errors go to handler."""
+    """The raw samples of one shard, read sequentially (dicts of extension -> bytes);
+    errors go to handler."""
     source = [{"url": shard.path}]
     count = 0
     for sample in wds.tariterators.tarfile_samples(source, handler=handler):
@@ -94,89 +122,142 @@ def shard_samples(shard: ShardInfo, handler: CountingHandler) -> Iterator[dict]:
         handler(ShardShortError(shard, count))
 
 
-def resampled_stream(shards, rng: random.Random, handler: CountingHandler) -> Iterator[dict]:
-    """An endless stream from shards drawn with replacement, weighted by sample count."""
-    usable = [shard for shard in shards if shard.samples > 0]
-    if not usable:
-        raise RuntimeError("the manifest lists no samples")
-    weights = [shard.samples for shard in usable]
-    fruitless = 0
-    while True:
-        shard = rng.choices(usable, weights)[0]
-        produced = 0
-        for sample in shard_samples(shard, handler):
-            produced += 1
-            yield sample
-        fruitless = 0 if produced else fruitless + 1
-        if fruitless > 20 * len(usable):
-            raise RuntimeError(f"no readable sample in {fruitless} shard draws; last {shard.path}")
-
-
-def shuffle_buffer(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    """Reservoir-style shuffle: fill ``size`` samples, then emit a random one per arrival."""
-    buffer = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        slot = rng.randrange(size)
-        yield buffer[slot]
-        buffer[slot] = sample
-    rng.shuffle(buffer)
-    yield from buffer
-
-
 def worker_identity() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-class TrainEpoch(IterableDataset):
-    """One epoch of one rank, from batch ``start_batch`` on; see the module docstring."""
+# The order of an epoch ----------------------------------------------------------------------
 
-    def __init__(self, loader: ShardTrainLoader, epoch: int, start_batch: int):
-        self.loader = loader
-        self.epoch = epoch
-        self.start_batch = start_batch
+
+class EpochOrder:
+    """Global position -> (shard index, sample index in the shard) for one epoch; see the
+    module docstring. Pure arithmetic on the manifest's sample counts."""
+
+    def __init__(self, counts: list[int], *, seed: int, epoch: int, window: int):
+        self.usable = [index for index, count in enumerate(counts) if count > 0]
+        self.counts = counts
+        self.total = sum(counts)
+        self.seed, self.epoch, self.window = seed, epoch, window
+        self.manifest_starts = starts_of([counts[i] for i in self.usable])
+        self._cycles: dict[int, tuple[list[int], list[int]]] = {}
+        self._windows: dict[tuple[int, int], list[int]] = {}
+
+    def cycle(self, cycle: int) -> tuple[list[int], list[int]]:
+        """The shard order of a cycle and the start of each shard in it."""
+        if cycle not in self._cycles:
+            if len(self._cycles) > 4:
+                self._cycles.clear()
+            order = list(self.usable)
+            random.Random(f"shards/{self.seed}/{self.epoch}/{cycle}").shuffle(order)
+            self._cycles[cycle] = order, starts_of([self.counts[i] for i in order])
+        return self._cycles[cycle]
+
+    def window_order(self, cycle: int, window: int) -> list[int]:
+        if (cycle, window) not in self._windows:
+            if len(self._windows) > 8:
+                self._windows.clear()
+            size = min(self.window, self.total - window * self.window)
+            order = list(range(size))
+            random.Random(f"window/{self.seed}/{self.epoch}/{cycle}/{window}").shuffle(order)
+            self._windows[cycle, window] = order
+        return self._windows[cycle, window]
+
+    def locate(self, position: int) -> tuple[int, int]:
+        cycle, offset = divmod(position, self.total)
+        window, inside = divmod(offset, self.window)
+        index = window * self.window + self.window_order(cycle, window)[inside]
+        order, starts = self.cycle(cycle)
+        slot = bisect.bisect_right(starts, index) - 1
+        return order[slot], index - starts[slot]
+
+    def replacement(self, position: int, attempt: int) -> tuple[int, int]:
+        """A sample for a position whose own failed: uniform over the manifest, drawn from
+        (position, attempt) so that a restore draws the same."""
+        rng = random.Random(f"replace/{self.seed}/{self.epoch}/{position}/{attempt}")
+        index = rng.randrange(self.total)
+        slot = bisect.bisect_right(self.manifest_starts, index) - 1
+        return self.usable[slot], index - self.manifest_starts[slot]
+
+
+def starts_of(counts: list[int]) -> list[int]:
+    starts, total = [], 0
+    for count in counts:
+        starts.append(total)
+        total += count
+    return starts
+
+
+# The loader -------------------------------------------------------------------------------
+
+
+class TrainEpoch(IterableDataset):
+    """The rank's ``batches`` batches of an epoch from global position ``start``."""
+
+    def __init__(self, loader: ShardTrainLoader, epoch: int, start: int, batches: int):
+        self.loader, self.epoch, self.start, self.batches = loader, epoch, start, batches
 
     def __iter__(self):
         ld = self.loader
-        process, workers = worker_identity()
-        # The DataLoader's round robin always starts at process 0, and batch ``start_batch``
-        # belongs to worker ``start_batch % workers``: rotate the roles to match.
-        worker = (process + self.start_batch) % workers
-        total = ld.batches_per_epoch
-        mine = total // workers + (worker < total % workers)
-        # Batches i < start_batch with i % workers == worker were consumed already.
-        skip = max(0, min(mine, (self.start_batch - worker + workers - 1) // workers))
-        stream_id = f"{ld.seed}/{self.epoch}/{ld.rank}/{worker}"
-        rng = random.Random(f"stream/{stream_id}")
+        worker, workers = worker_identity()
         handler = CountingHandler(f"train rank {ld.rank} worker {worker}")
-        raw = shuffle_buffer(resampled_stream(ld.manifest.shards, rng, handler), ld.buffer, rng)
-        for batch_number in range(mine):
-            examples = []
-            while len(examples) < ld.batch_size:
-                sample_number = batch_number * ld.batch_size + len(examples)
-                sample = next(raw)
-                if batch_number < skip:  # fast-forward: no decoding
-                    examples.append(None)
-                    continue
-                try:
-                    rng = random.Random(f"aug/{stream_id}/{sample_number}")
-                    examples.append(ld.example(sample, rng))
-                except Exception as error:  # a corrupt sample must not stop training
-                    message = f"sample {sample.get('__key__')}: {type(error).__name__}: {error}"
-                    handler(ValueError(message, sample.get("__url__", "")))
-                    # and draw another one: batches stay full
-            if batch_number >= skip:
-                yield pack_batch(examples)
+        samples = PositionSamples(ld, self.epoch, ShardReader(ld.manifest.shards, handler))
+        try:
+            for batch in range(worker, self.batches, workers):
+                positions = ld.batch_positions(self.start, batch)
+                examples, names = zip(*map(samples.example, positions), strict=True)
+                packed = pack_batch(list(examples))
+                packed["positions"], packed["samples"] = list(positions), list(names)
+                yield packed
+        finally:
+            samples.reader.close()
+
+
+class PositionSamples:
+    """One worker's examples by global position: read, decode, augment; a failure is
+    reported and replaced, and ``max_decode_failures`` in a row raise."""
+
+    def __init__(self, loader: ShardTrainLoader, epoch: int, reader: ShardReader):
+        self.loader, self.epoch, self.reader = loader, epoch, reader
+        self.order = loader.order(epoch)
+        self.failures = 0
+
+    def example(self, position: int):
+        """(example, "shard-name/key" of the sample used) for a position."""
+        ld, shards = self.loader, self.loader.manifest.shards
+        shard, member = self.order.locate(position)
+        attempt = 0
+        while True:
+            try:
+                sample = self.reader.sample(shard, member)
+                rng = random.Random(f"aug/{ld.seed}/{self.epoch}/{position}")
+                example = ld.example(sample, rng)
+                self.failures = 0
+                return example, f"{Path(shards[shard].path).name}/{sample['__key__']}"
+            except Exception as error:  # a bad sample must not stop training, many must
+                self.failures += 1
+                key = self.reader.key(shard, member)
+                if not isinstance(error, SampleMissing):  # else the shard was reported
+                    message = f"sample {key}: {type(error).__name__}: {error}"
+                    self.reader.handler(ValueError(message, shards[shard].path))
+                if self.failures >= ld.max_decode_failures:
+                    detail = " ".join(f"{type(error).__name__}: {error}".split())
+                    raise SampleDecodeError(
+                        f"{shards[shard].path}: sample {key}: {self.failures} consecutive "
+                        f"training samples failed to read or decode ({self.reader.handler.stage},"
+                        f" epoch {self.epoch}, position {position}; this one: {detail})"
+                    ) from None
+                attempt += 1
+                shard, member = self.order.replacement(position, attempt)
 
 
 class ShardTrainLoader:
     """Training batches ``(images, targets)`` for one rank; ``len()`` batches per epoch.
 
     ``for images, targets in loader`` runs the rest of the current epoch (from the saved
-    position) and then moves to the next epoch; ``forever()`` chains epochs."""
+    position) and then moves to the next epoch; ``forever()`` chains epochs. After each
+    batch, ``last_batch`` holds its global ``positions`` and the ``samples`` used
+    ("shard-name/key")."""
 
     def __init__(
         self,
@@ -192,22 +273,47 @@ class ShardTrainLoader:
         shuffle_buffer: int = 256,
         epoch_samples: int = 0,
         seed: int = 0,
+        max_decode_failures: int = 50,
     ):
         if not 0 <= rank < world_size or batch_size < 1 or num_workers < 0:
             raise ValueError(f"bad rank {rank}/{world_size}, batch {batch_size} or workers")
+        if epoch_samples < 0 or max_decode_failures < 1:
+            raise ValueError("need epoch_samples >= 0 and max_decode_failures >= 1")
         self.manifest: ShardManifest = read_manifest(shard_dir)
+        self.counts = [shard.samples for shard in self.manifest.shards]
+        self.total_samples = sum(self.counts)
+        if self.total_samples == 0:
+            raise ValueError(f"{self.manifest.root / 'index.json'}: the manifest lists no samples")
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.global_batch = world_size * batch_size
         self.min_sizes, self.max_size = list(min_sizes), max_size
-        self.flip_prob, self.buffer, self.seed = flip_prob, max(1, shuffle_buffer), seed
-        samples = epoch_samples or math.ceil(self.manifest.total_samples / world_size)
-        self.batches_per_epoch = max(1, math.ceil(samples / batch_size))
+        self.flip_prob, self.window, self.seed = flip_prob, max(1, shuffle_buffer), seed
+        self.max_decode_failures = max_decode_failures
+        self.epoch_samples = epoch_samples or self.total_samples
+        self.batches_per_epoch = math.ceil(self.epoch_samples / self.global_batch)
+        shard_list = [[Path(s.path).name, s.samples, s.sha256] for s in self.manifest.shards]
+        self.dataset_digest = hashlib.sha256(json.dumps(shard_list).encode()).hexdigest()[:16]
         self._category_index = self.manifest.coco_to_contiguous
         self.epoch = 0
-        self.batches_done = 0
+        self.samples_consumed = 0
+        self.last_batch: dict | None = None
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+    def order(self, epoch: int) -> EpochOrder:
+        return EpochOrder(self.counts, seed=self.seed, epoch=epoch, window=self.window)
+
+    def sample_at(self, epoch: int, position: int) -> tuple[str, int]:
+        """(shard path, sample index in the shard) of a global position: arithmetic only."""
+        shard, member = self.order(epoch).locate(position)
+        return self.manifest.shards[shard].path, member
+
+    def batch_positions(self, start: int, batch: int) -> range:
+        """This rank's global positions in batch ``batch`` of an iteration from ``start``."""
+        first = start + batch * self.global_batch + self.rank * self.batch_size
+        return range(first, first + self.batch_size)
 
     def example(self, sample: dict, rng: random.Random):
         """Decode and augment one raw sample; the scale and the flip are drawn from rng."""
@@ -221,46 +327,70 @@ class ShardTrainLoader:
             flip=flip,
         )
 
+    def position(self) -> tuple[int, int]:
+        """(epoch, samples consumed in it), an epoch whose samples are all handed out
+        counting as the start of the next."""
+        if self.samples_consumed >= self.epoch_samples:
+            return self.epoch + 1, 0
+        return self.epoch, self.samples_consumed
+
+    def remaining_batches(self) -> int:
+        """Batches left in the current epoch at this world size."""
+        return math.ceil((self.epoch_samples - self.position()[1]) / self.global_batch)
+
     def __iter__(self):
-        epoch_data = TrainEpoch(self, self.epoch, self.batches_done)
-        for packed in make_dataloader(epoch_data, self.num_workers, self.batch_size):
-            self.batches_done += 1
-            yield unpack_batch(packed)
-        self.epoch += 1
-        self.batches_done = 0
+        self.epoch, self.samples_consumed = self.position()
+        epoch_data = TrainEpoch(self, self.epoch, self.samples_consumed, self.remaining_batches())
+        try:
+            for packed in make_dataloader(epoch_data, self.num_workers, self.batch_size):
+                self.samples_consumed += self.global_batch
+                self.last_batch = {
+                    "epoch": self.epoch,
+                    "positions": packed.pop("positions"),
+                    "samples": packed.pop("samples"),
+                }
+                yield unpack_batch(packed)
+        except SampleDecodeError as error:  # from a worker, its message is its traceback
+            raise SampleDecodeError(SampleDecodeError.one_line(error)) from None
+        self.epoch, self.samples_consumed = self.epoch + 1, 0
 
     def forever(self):
         while True:
             yield from self
 
     def state_dict(self) -> dict:
-        """The position (epoch, batches consumed in it) and what the order depends on."""
-        return {
-            "epoch": self.epoch,
-            "batches_done": self.batches_done,
-            **self._layout(),
-        }
+        """The global position and what the order depends on: the same on every rank."""
+        epoch, consumed = self.position()
+        return {"epoch": epoch, "samples_consumed": consumed, **self._order_identity()}
 
-    def _layout(self) -> dict:
+    def _order_identity(self) -> dict:
         return {
+            "epoch_samples": self.epoch_samples,
             "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "batch_size": self.batch_size,
-            "streams_per_rank": max(1, self.num_workers),  # 0 workers reads like 1
-            "batches_per_epoch": self.batches_per_epoch,
+            "shuffle_window": self.window,
+            "total_samples": self.total_samples,
+            "dataset": self.dataset_digest,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position; refuses a state whose order this loader could
-        not reproduce (other seed, ranks, batch size, workers or epoch length)."""
-        for key, value in self._layout().items():
+        """Continue from a saved global position, whatever world size, batch size or workers
+        saved it; refuses a state whose order this loader would not reproduce."""
+        if "samples_consumed" not in state or "epoch" not in state:
+            raise ValueError(
+                f"loader state has keys {sorted(state)}, not epoch and samples_consumed: "
+                "saved by an older loader, whose order this one cannot continue"
+            )
+        for key, value in self._order_identity().items():
             if state.get(key) != value:
                 raise ValueError(
-                    f"loader state has {key}={state.get(key)}, this loader {value}; "
+                    f"loader state has {key}={state.get(key)!r}, this loader {value!r}; "
                     "the restored order would not be the saved one"
                 )
-        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        epoch, consumed = int(state["epoch"]), int(state["samples_consumed"])
+        if epoch < 0 or consumed < 0:
+            raise ValueError(f"loader state has a negative position: {epoch=}, {consumed=}")
+        self.epoch, self.samples_consumed = epoch, consumed
+        self.epoch, self.samples_consumed = self.position()  # a finished epoch: the next
 
 
 def pass_through(batch):
@@ -280,100 +410,6 @@ def make_dataloader(dataset: IterableDataset, num_workers: int, batch_size: int)
     )
 
 
-class EvalSamples(IterableDataset):
-    """This rank's share of the evaluation samples, batched per worker."""
-
-    def __init__(self, loader: ShardEvalLoader):
-        self.loader = loader
-
-    def __iter__(self):
-        ld = self.loader
-        worker, workers = worker_identity()
-        handler = CountingHandler(f"eval rank {ld.rank} worker {worker}")
-        examples = []
-        for global_index, sample in ld.assigned_samples(worker, workers, handler):
-            try:
-                examples.append(ld.example(sample))
-            except Exception as error:
-                handler(ValueError(f"sample {global_index}: {error}", sample.get("__url__", "")))
-                continue
-            if len(examples) == ld.batch_size:
-                yield pack_batch(examples)
-                examples = []
-        if examples:
-            yield pack_batch(examples)
-
-
-class ShardEvalLoader:
-    """Evaluation batches ``(images, targets)``: each sample once across all ranks."""
-
-    def __init__(
-        self,
-        shard_dir: str,
-        *,
-        rank: int,
-        world_size: int,
-        batch_size: int,
-        num_workers: int,
-        min_size: int,
-        max_size: int,
-    ):
-        if not 0 <= rank < world_size or batch_size < 1 or num_workers < 0:
-            raise ValueError(f"bad rank {rank}/{world_size}, batch {batch_size} or workers")
-        self.manifest: ShardManifest = read_manifest(shard_dir)
-        self.rank, self.world_size = rank, world_size
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.min_size, self.max_size = min_size, max_size
-        self._category_index = self.manifest.coco_to_contiguous
-
-    def local_count(self, worker: int = 0, workers: int = 1) -> int:
-        """Samples of this rank (and worker) per the manifest."""
-        total = self.manifest.total_samples
-        rank_count = total // self.world_size + (self.rank < total % self.world_size)
-        return rank_count // workers + (worker < rank_count % workers)
-
-    def __len__(self) -> int:
-        workers = max(1, self.num_workers)
-        return sum(
-            math.ceil(self.local_count(w, workers) / self.batch_size) for w in range(workers)
-        )
-
-    def assigned_samples(self, worker: int, workers: int, handler: CountingHandler):
-        """(global index, raw sample) of this rank and worker, in manifest order."""
-        world = self.world_size
-        for offset, shard in zip(self.manifest.shard_offsets(), self.manifest.shards, strict=True):
-            wanted = {
-                g
-                for g in range(offset, offset + shard.samples)
-                if g % world == self.rank and (g // world) % workers == worker
-            }
-            if not wanted:
-                continue  # skip the shard without reading it
-            last, found = max(wanted), 0
-            for position, sample in enumerate(shard_samples(shard, handler)):
-                global_index = offset + position
-                if global_index in wanted:
-                    found += 1
-                    yield global_index, sample
-                if global_index >= last:
-                    break
-            if found < len(wanted):
-                handler(OSError(f"{len(wanted) - found} evaluation samples missing", shard.path))
-
-    def example(self, sample: dict):
-        return make_example(
-            sample,
-            coco_to_contiguous=self._category_index,
-            min_size=self.min_size,
-            max_size=self.max_size,
-            flip=False,
-        )
-
-    def __iter__(self):
-        for packed in make_dataloader(EvalSamples(self), self.num_workers, self.batch_size):
-            yield unpack_batch(packed)
-
-
 def build_train_loader(cfg, rank: int, world_size: int) -> ShardTrainLoader:
     """The training loader of one rank, from the config tree."""
     return ShardTrainLoader(
@@ -388,26 +424,13 @@ def build_train_loader(cfg, rank: int, world_size: int) -> ShardTrainLoader:
         shuffle_buffer=cfg.data.shuffle_buffer,
         epoch_samples=cfg.data.epoch_samples,
         seed=cfg.data.seed,
-    )
-
-
-def build_val_loader(cfg, rank: int, world_size: int) -> ShardEvalLoader:
-    """The evaluation loader of one rank, from the config tree."""
-    return ShardEvalLoader(
-        cfg.data.val_shards,
-        rank=rank,
-        world_size=world_size,
-        batch_size=cfg.eval.batch_size,
-        num_workers=cfg.data.num_workers,
-        min_size=cfg.input.min_size_test,
-        max_size=cfg.input.max_size_test,
+        max_decode_failures=cfg.data.max_decode_failures,
     )
 
 
 __all__ = [
     "CountingHandler",
-    "ShardEvalLoader",
+    "SampleDecodeError",
     "ShardTrainLoader",
     "build_train_loader",
-    "build_val_loader",
 ]

@@ -1,7 +1,6 @@
 import io
 import json
 import logging
-import shutil
 import tarfile
 
 import pytest
@@ -11,12 +10,8 @@ from pycocotools import mask as mask_utils
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from pipeline.config import Config
-from pipeline.data.loader import (
-    ShardEvalLoader,
-    ShardTrainLoader,
-    build_train_loader,
-    build_val_loader,
-)
+from pipeline.data.eval_loader import build_val_loader
+from pipeline.data.loader import ShardTrainLoader, build_train_loader
 from pipeline.data.transforms import (
     make_example,
     pack_batch,
@@ -118,7 +113,7 @@ def test_model_resize_of_a_loader_image_keeps_its_size(min_size, max_size):
 
 def test_every_rank_gets_the_same_batches_with_uneven_shards(train_shards):
     assert len(load_json(train_shards / "index.json")["shards"]) == 5  # 5 shards, 3 ranks
-    counts = []
+    counts, states = [], []
     for rank in range(3):
         loader = train_loader(train_shards, rank=rank, world_size=3, num_workers=2)
         batches = list(loader)
@@ -127,28 +122,18 @@ def test_every_rank_gets_the_same_batches_with_uneven_shards(train_shards):
             assert image.dtype == torch.float32 and 0.0 <= image.min() <= image.max() <= 1.0
         counts.append(len(batches))
         assert len(batches) == len(loader)
-        assert loader.state_dict()["epoch"] == 1
-    assert counts == [4, 4, 4]  # ceil(ceil(23 / 3) / 2)
+        states.append(loader.state_dict())
+    assert counts == [4, 4, 4]  # ceil(23 / (3 ranks x 2)): the last global batch wraps
+    assert states[0] == states[1] == states[2] and states[0]["epoch"] == 1
 
 
-def test_more_workers_than_shards_and_epoch_samples(train_shards):
-    # 8 ranks x 2 workers = 16 streams over 5 shards; 9 samples -> 5 batches of 2
-    loader = train_loader(train_shards, world_size=8, rank=7, num_workers=2, epoch_samples=9)
-    assert len(list(loader)) == len(loader) == 5
-
-
-def test_eval_sees_every_sample_exactly_once_across_ranks(val_shards):
-    seen = []
-    for rank in range(2):
-        loader = ShardEvalLoader(str(val_shards), rank=rank, world_size=2, batch_size=2,
-                                 num_workers=2, min_size=64, max_size=120)  # fmt: skip
-        batches = list(loader)
-        assert len(batches) == len(loader)
-        for images, targets in batches:
-            for image, target in zip(images, targets, strict=True):
-                assert min(image.shape[-2:]) == 64 or max(image.shape[-2:]) == 120
-                seen.append(target["image_id"])
-    assert sorted(seen) == list(range(1, VAL_IMAGES + 1))
+def test_more_workers_than_shards_and_epoch_samples_are_global(train_shards):
+    # 8 ranks x 2 workers over 5 shards; 70 global samples -> ceil(70 / 16) = 5 batches of 2
+    loader = train_loader(train_shards, world_size=8, rank=7, num_workers=2, epoch_samples=70)
+    positions = []
+    for _ in loader:
+        positions += loader.last_batch["positions"]
+    assert len(loader) == 5 and positions == [p + 14 + 16 * b for b in range(5) for p in (0, 1)]
 
 
 def test_order_is_deterministic_and_restore_gives_the_same_next_batch(train_shards):
@@ -168,7 +153,7 @@ def test_order_is_deterministic_and_restore_gives_the_same_next_batch(train_shar
         if consumed == 3:
             break
     state = interrupted.state_dict()
-    assert state["epoch"] == 0 and state["batches_done"] == 3
+    assert state["epoch"] == 0 and state["samples_consumed"] == 6
     restored = train_loader(train_shards, num_workers=2, epoch_samples=12)
     restored.load_state_dict(state)
     rest = list(restored)
@@ -178,10 +163,21 @@ def test_order_is_deterministic_and_restore_gives_the_same_next_batch(train_shar
     assert_batches_equal(next(iter(restored)), epoch1[0])
 
 
-def test_restore_refuses_a_state_from_another_layout(train_shards):
+def test_restore_refuses_a_state_of_another_order(train_shards, shard_copy):
     state = train_loader(train_shards).state_dict()
-    with pytest.raises(ValueError, match="world_size"):
-        train_loader(train_shards, world_size=2).load_state_dict(state)
+    train_loader(train_shards, world_size=2, batch_size=3, num_workers=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed=5, this loader 6"):
+        train_loader(train_shards, seed=6).load_state_dict(state)
+    with pytest.raises(ValueError, match="epoch_samples=23, this loader 30"):
+        train_loader(train_shards, epoch_samples=30).load_state_dict(state)
+    index = load_json(shard_copy / "index.json")
+    index["shards"][2]["sha256"] = "0" * 64  # the shard was rebuilt from something else
+    (shard_copy / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="dataset="):
+        train_loader(shard_copy).load_state_dict(state)
+    old_format = {"epoch": 0, "batches_done": 3, "rank": 0, "world_size": 1}
+    with pytest.raises(ValueError, match="older loader"):
+        train_loader(train_shards).load_state_dict(old_format)
 
 
 def test_corrupt_and_truncated_shards_are_skipped_and_training_flows(shard_copy, caplog):
@@ -231,20 +227,6 @@ def test_an_image_without_objects_is_a_valid_sample(train_shards):
     assert torch.allclose(images[1] * 255, examples[1][0].float())
 
 
-def test_eval_reports_samples_lost_in_a_truncated_shard(val_shards, tmp_path, caplog):
-    copy = tmp_path / "val"
-    shutil.copytree(val_shards, copy)
-    shard = copy / "shard-000001.tar"
-    shard.write_bytes(shard.read_bytes()[:1536])  # the first sample survives at most
-    loader = ShardEvalLoader(str(copy), rank=0, world_size=1, batch_size=4, num_workers=0,
-                             min_size=64, max_size=120)  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
-        seen = [t["image_id"] for _, targets in loader for t in targets]
-    assert VAL_IMAGES - 3 <= len(seen) < VAL_IMAGES
-    messages = "\n".join(r.getMessage() for r in caplog.records)
-    assert "shard-000001.tar" in messages and "evaluation samples missing" in messages
-
-
 def test_a_sample_that_does_not_decode_is_reported_and_replaced(shard_copy, caplog):
     shard = shard_copy / "shard-000000.tar"
     with tarfile.open(shard) as tar:
@@ -268,3 +250,8 @@ def test_a_sample_that_does_not_decode_is_reported_and_replaced(shard_copy, capl
     assert all(t["image_id"] != int(key) for _, targets in batches for t in targets)
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert f"sample {key}" in messages and "shard-000000.tar" in messages
+    # the replacements are drawn from the position: a restore reproduces them
+    restored = train_loader(shard_copy, epoch_samples=10)
+    restored.load_state_dict({**loader.state_dict(), "epoch": 0, "samples_consumed": 2})
+    for a, b in zip(batches[1:], restored, strict=True):
+        assert_batches_equal(a, b)

@@ -1,11 +1,13 @@
 """The train stage under real torchrun processes (gloo on the CPU): DDP against one process,
 a world-size change on resume, DeepSpeed ZeRO-2, two nodes, a killed worker, SIGTERM."""
 
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
 
 import pytest
@@ -265,3 +267,33 @@ def test_sigterm_checkpoints_exits_75_and_resumes(engine_shards, tmp_path):
     )
     assert_ok(resumed, "resume after SIGTERM")
     assert checkpoint_state(out)["step"] == stopped_at + 2
+
+
+def corrupt_every_image(source, target):
+    """A copy of the shards whose every image member is garbage (the tars stay valid)."""
+    target.mkdir()
+    for path in source.iterdir():
+        if path.suffix != ".tar":
+            shutil.copy(path, target / path.name)
+            continue
+        with tarfile.open(path) as tar_in, tarfile.open(target / path.name, "w") as tar_out:
+            for member in tar_in.getmembers():
+                data = tar_in.extractfile(member).read()
+                if not member.name.endswith(".json"):
+                    data = b"not an image" * 10
+                    member.size = len(data)
+                tar_out.addfile(member, io.BytesIO(data))
+
+
+def test_a_rank_that_cannot_get_a_sample_stops_the_job(engine_shards, tmp_path):
+    broken = tmp_path / "broken"
+    corrupt_every_image(engine_shards["train"], broken)
+    shards = {**engine_shards, "train": broken}
+    out = tmp_path / "run"
+    overrides = tiny_overrides(shards, out, **{"data.max_decode_failures": 5})
+    started = time.monotonic()
+    result = run_train(2, overrides, timeout=240)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 200  # stopped, did not wait on the all-reduce
+    line = next(x for x in result.stderr.splitlines() if "train: error: SampleDecodeError" in x)
+    assert ".tar" in line
