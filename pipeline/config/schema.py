@@ -279,6 +279,11 @@ class TrackingConfig:
     """MLflow experiment name."""
     run_name: str = ""
     """MLflow run name; empty: derived from the stage and the time."""
+    system_metrics: bool = True
+    """Also log CPU, memory, disk, network (and GPU) utilisation as system/* metrics."""
+    close_timeout: float = 60.0
+    """Seconds a finishing stage waits for MLflow to take what is still queued (metrics logged
+    while the server was away); after that it warns and exits, the data stays in the run dir."""
 
 
 @dataclass

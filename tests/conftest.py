@@ -1,5 +1,10 @@
-"""A real ``mlflow server`` on 127.0.0.1, started and stopped by the tests."""
+"""A real ``mlflow server`` on 127.0.0.1, started, stopped, frozen and restarted by the tests.
 
+A server keeps its port and its SQLite backend store across ``stop``/``kill`` and a later
+``start``, so a test can take it away in the middle of a run and bring the same one back.
+"""
+
+import contextlib
 import os
 import signal
 import socket
@@ -25,7 +30,8 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90.0):
+    def start(self, timeout: float = 180.0):
+        """Start (again) on the same port and backend store; return once it is healthy."""
         mlflow = Path(sys.executable).with_name("mlflow")
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
@@ -45,6 +51,8 @@ class MlflowServer:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
+            # The job runner is a second heavy process that these tests do not need.
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             start_new_session=True,  # its own process group, so stop() ends the workers too
         )
         deadline = time.monotonic() + timeout
@@ -63,20 +71,39 @@ class MlflowServer:
         raise RuntimeError(f"mlflow server did not come up on {self.uri} in {timeout}s")
 
     def stop(self):
+        """Shut the server down gracefully (SIGTERM), or kill it after 20 s."""
         if self.process is None or self.process.poll() is not None:
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
+        self._signal(signal.SIGCONT)  # a frozen server cannot shut down
+        self._signal(signal.SIGTERM)
         try:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            self.kill()
+
+    def kill(self):
+        """The server crashes: SIGKILL to all its processes; connections are refused."""
+        if self.process is not None and self.process.poll() is None:
+            self._signal(signal.SIGKILL)
             self.process.wait()
 
+    def freeze(self):
+        """The server hangs: connections are accepted (backlog) but never answered."""
+        self._signal(signal.SIGSTOP)
 
-def _serve(root: Path):
+    def thaw(self):
+        self._signal(signal.SIGCONT)
+
+    def _signal(self, sig: int):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)  # its own process group: the uvicorn workers too
+
+
+def _serve(root: Path, start: bool = True):
     root.mkdir()
     server = MlflowServer(root)
-    server.start()
+    if start:
+        server.start()
     return server
 
 
@@ -85,12 +112,26 @@ def mlflow_server(tmp_path_factory):
     """One server shared by the module's tests (each makes its own runs)."""
     server = _serve(tmp_path_factory.mktemp("mlflow") / "server")
     yield server
-    server.stop()
+    server.kill()  # a graceful stop can take minutes on a loaded machine
 
 
 @pytest.fixture
 def disposable_mlflow_server(tmp_path):
-    """A server of the test's own, which the test may kill."""
+    """A running server of the test's own, which the test may kill, freeze and restart."""
     server = _serve(tmp_path / "mlflow-server")
     yield server
-    server.stop()
+    server.kill()
+
+
+@pytest.fixture
+def unstarted_mlflow_server(tmp_path):
+    """A server of the test's own that is down until the test calls ``start()``."""
+    server = _serve(tmp_path / "mlflow-server", start=False)
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def unreachable_uri() -> str:
+    """An http URI on which nothing listens: every connection is refused."""
+    return f"http://127.0.0.1:{free_port()}"
