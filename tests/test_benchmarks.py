@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["ops.py", "data.py"])
+@pytest.mark.parametrize("script", ["ops.py", "data.py", "eval.py"])
 def test_quick_benchmark_runs(script):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), "--quick"],

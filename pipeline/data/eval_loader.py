@@ -62,12 +62,13 @@ class EvalSamples(IterableDataset):
                 handler(ValueError(f"sample {global_index} ({name}): {error}", sample["__url__"]))
                 continue
             if len(examples) == ld.batch_size:
-                yield {**pack_batch(examples), "failures": failures}
-                examples, failures = [], []
+                yield {**pack_batch(examples), "failures": list(failures)}
+                examples = []
+                failures.clear()  # the same list: assigned_samples appends to it
         if examples:
-            yield {**pack_batch(examples), "failures": failures}
+            yield {**pack_batch(examples), "failures": list(failures)}
         elif failures:
-            yield {"failures": failures}
+            yield {"failures": list(failures)}
 
 
 class ShardEvalLoader:

@@ -211,6 +211,11 @@ class DeepSpeedStrategy:
             amp=amp,
             bucket_mb=bucket_mb,
         )
+        # DeepSpeed flattens the parameters through byte views, which need standard
+        # (NCHW-contiguous) strides; the convolutions still run NHWC on channels_last inputs.
+        for param in model.parameters():
+            if not param.is_contiguous():
+                param.data = param.data.contiguous()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
@@ -220,9 +225,7 @@ class DeepSpeedStrategy:
         return contextlib.nullcontext()  # DeepSpeed reduces at its accumulation boundary
 
     def forward(self, images, targets) -> dict[str, torch.Tensor]:
-        if self.amp != "off":  # DeepSpeed's torch_autocast wraps the engine's forward
-            return self.engine(images, targets)
-        return self.engine(images, targets)
+        return self.engine(images, targets)  # under DeepSpeed's torch_autocast when amp is on
 
     def backward(self, loss: torch.Tensor, accumulation: int) -> None:
         # DeepSpeed scales by its gradient_accumulation_steps itself, and steps the optimizer

@@ -1,3 +1,5 @@
+"""The evaluation loader: every sample once across ranks, and every sample accounted for."""
+
 import io
 import json
 import logging
@@ -5,53 +7,16 @@ import shutil
 import tarfile
 
 import pytest
-import torch
-from data_helpers import TRAIN_IMAGES, VAL_IMAGES, load_json
-from pycocotools import mask as mask_utils
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from data_helpers import VAL_IMAGES
 
-from pipeline.config import Config
+from pipeline.config import load_config
 from pipeline.data.eval_loader import ShardEvalLoader, build_val_loader
-from pipeline.data.loader import ShardTrainLoader, build_train_loader
-from pipeline.data.transforms import (
-    make_example,
-    pack_batch,
-    resize_masks_nearest,
-    resized_size,
-    unpack_batch,
-)
+from pipeline.data.ground_truth import coco_ground_truth, read_ground_truth
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning"),
 ]
-
-
-def train_loader(shards, **overrides) -> ShardTrainLoader:
-    options = dict(
-        rank=0, world_size=1, batch_size=2, num_workers=0, min_sizes=[64, 80], max_size=120,
-        shuffle_buffer=8, seed=5,
-    )  # fmt: skip
-    options.update(overrides)
-    return ShardTrainLoader(str(shards), **options)
-
-
-def assert_batches_equal(a, b):
-    (images_a, targets_a), (images_b, targets_b) = a, b
-    assert len(images_a) == len(images_b)
-    for x, y in zip(images_a, images_b, strict=True):
-        assert torch.equal(x, y)
-    for x, y in zip(targets_a, targets_b, strict=True):
-        assert x.keys() == y.keys()
-        for key in x:
-            assert torch.equal(x[key], y[key]) if torch.is_tensor(x[key]) else x[key] == y[key]
-
-
-def first_raw_sample(shards):
-    index = load_json(shards / "index.json")
-    with tarfile.open(shards / index["shards"][0]["file"]) as tar:
-        members = {m.name.split(".", 1)[1]: tar.extractfile(m).read() for m in tar.getmembers()[:2]}
-    return {"__key__": "x", **members}
 
 
 def test_eval_sees_every_sample_exactly_once_across_ranks(val_shards):
@@ -80,5 +45,56 @@ def test_eval_reports_samples_lost_in_a_truncated_shard(val_shards, tmp_path, ca
     assert VAL_IMAGES - 3 <= len(seen) < VAL_IMAGES
     messages = "\n".join(r.getMessage() for r in caplog.records)
     assert "shard-000001.tar" in messages and "evaluation samples missing" in messages
+    # Accounted for: what the loader lost is recorded with its shard and count ...
+    (lost,) = loader.failures
+    assert lost["shard"].endswith("shard-000001.tar") and lost["count"] == VAL_IMAGES - len(seen)
+    # ... and the ground truth keeps what the loader still yields from that shard.
+    gt_ids = {image["id"] for image in coco_ground_truth(copy)["images"]}
+    assert set(seen) <= gt_ids and len(gt_ids) == len(seen)
 
 
+def replace_member(shard, suffix: str, index: int, data: bytes) -> dict:
+    """Rewrite a shard with the ``index``-th member ending in ``suffix`` replaced; returns
+    that sample's record."""
+    with tarfile.open(shard) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
+    target = [info.name for info, _ in members if info.name.endswith(suffix)][index]
+    key = target.split(".", 1)[0]
+    record = next(json.loads(c) for i, c in members if i.name == f"{key}.json")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, content in members:
+            content = data if info.name == target else content
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    shard.write_bytes(buffer.getvalue())
+    return record
+
+
+def test_eval_names_undecodable_samples_and_yields_the_rest(val_shards, tmp_path):
+    copy = tmp_path / "val"
+    shutil.copytree(val_shards, copy)
+    corrupt = replace_member(copy / "shard-000000.tar", ".jpg", 1, b"\xff\xd8 not a JPEG")
+    replace_member(copy / "shard-000001.tar", ".json", 0, b'{"image_id": ')
+    loader = ShardEvalLoader(str(copy), rank=0, world_size=1, batch_size=2, num_workers=2,
+                             min_size=64, max_size=120)  # fmt: skip
+    seen = [t["image_id"] for _, targets in loader for t in targets]
+    assert len(seen) == VAL_IMAGES - 2 and corrupt["image_id"] not in seen
+    by_name = {f["image"]: f for f in loader.failures}  # reported from the worker processes
+    assert by_name[corrupt["file_name"]]["image_id"] == corrupt["image_id"]
+    assert "jpeg" in by_name[corrupt["file_name"]]["reason"].lower()
+    assert len(loader.failures) == 2
+    # The ground truth skips only the record that does not parse, not its whole shard.
+    gt, problems = read_ground_truth(copy)
+    assert len(gt["images"]) == VAL_IMAGES - 1 and set(seen) < {i["id"] for i in gt["images"]}
+    assert [p["shard"].endswith("shard-000001.tar") for p in problems] == [True, True]
+
+
+def test_build_val_loader_maps_the_config(val_shards):
+    cfg = load_config(None, [f"data.val_shards={val_shards}", "eval.batch_size=3",
+                             "input.min_size_test=70", "input.max_size_test=90",
+                             "data.num_workers=0"])  # fmt: skip
+    loader = build_val_loader(cfg, 1, 2)
+    assert (loader.rank, loader.world_size, loader.batch_size) == (1, 2, 3)
+    assert (loader.min_size, loader.max_size, loader.num_workers) == (70, 90, 0)
+    assert len(list(loader)) == len(loader) == 2  # 5 of the 11 samples, in batches of 3

@@ -1,0 +1,57 @@
+"""Evaluate Mask R-CNN with the COCO metrics:
+``torchrun [opts] launch/evaluate.py --config FILE --checkpoint PATH --out DIR [key=value ...]``.
+
+PATH is a checkpoint file (ours, or converted from torchvision), a DeepSpeed checkpoint
+directory, or a training output_dir (its latest checkpoint). ``--watch TRAIN_DIR`` instead
+evaluates every checkpoint that training run writes, as it writes them, into DIR/<entry>/,
+until training has finished. Without --config, the training run's config.yaml is used.
+DIR receives metrics.json, bbox.json, segm.json and pictures/; the metrics go to MLflow.
+Exit codes: 0 done, 2 bad config or checkpoint (one line on stderr).
+"""
+
+import logging
+import sys
+
+from pipeline.config import ConfigError
+from pipeline.config.cli import build_parser
+from pipeline.data import ManifestError
+from pipeline.distributed import init_distributed, shutdown_distributed
+from pipeline.evaluation import CheckpointError, config_for, evaluate_checkpoint, watch_training
+
+
+def main(argv=None) -> int:
+    parser = build_parser(__doc__)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", metavar="PATH", help="checkpoint file or directory")
+    what.add_argument("--watch", metavar="TRAIN_DIR", help="a training output_dir to follow")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    args = parser.parse_args(argv)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # no positional file, only overrides
+        config, overrides = None, [config, *overrides]
+    config = args.config_flag if args.config_flag is not None else config
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
+    )
+    try:
+        cfg = config_for(config, overrides, args.checkpoint, args.watch)
+    except (ConfigError, CheckpointError) as error:
+        print(f"evaluate: error: {error}", file=sys.stderr)
+        return 2
+    info = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s)
+    try:
+        if args.watch:
+            watch_training(cfg, args.watch, args.out, info)
+        else:
+            evaluate_checkpoint(cfg, args.checkpoint, args.out, info)
+    except (CheckpointError, ConfigError, ManifestError) as error:
+        if info.is_main:
+            print(f"evaluate: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Side-by-side comparison of MLflow runs: the params that differ, the final metrics, and a
+PNG of chosen metrics' curves against the step (``launch/compare.py``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_METRICS = ("loss/total", "eval/segm/AP")
+# Metrics of the final-values table, when the runs have them (all of them with --all).
+SUMMARY_PREFIXES = ("loss/total", "eval/bbox/AP", "eval/segm/AP", "eval/images_")
+# Params that differ between any two runs by nature, not by choice.
+IGNORED_PARAMS = ("tracking.run_name",)
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    name: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    """The last logged value of each metric (what MLflow keeps as the run's metric)."""
+
+
+class CompareError(ValueError):
+    """No runs to compare, or a run id that is not there; one line."""
+
+
+def select_runs(
+    client,
+    *,
+    run_ids: Sequence[str] = (),
+    experiment: str | None = None,
+    filter_string: str = "",
+    max_runs: int = 20,
+) -> list[RunSummary]:
+    """The runs given by id, or those of ``experiment`` matching ``filter_string`` (MLflow's
+    search syntax, e.g. ``params.train.lr = '0.02'``), oldest first."""
+    from mlflow.exceptions import MlflowException
+
+    if run_ids:
+        runs = []
+        for run_id in run_ids:
+            try:
+                runs.append(client.get_run(run_id))
+            except MlflowException as error:
+                raise CompareError(f"run {run_id}: {str(error).splitlines()[0]}") from None
+    elif experiment:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise CompareError(f"no MLflow experiment named {experiment!r}")
+        runs = client.search_runs(
+            [found.experiment_id], filter_string=filter_string, max_results=max_runs,
+            order_by=["attributes.start_time ASC"],
+        )  # fmt: skip
+    else:
+        raise CompareError("give run ids, or an experiment (and a filter)")
+    if not runs:
+        raise CompareError(f"no runs in {experiment!r} match {filter_string!r}")
+    return [
+        RunSummary(r.info.run_id, r.info.run_name or r.info.run_id[:8], dict(r.data.params),
+                   dict(r.data.metrics))
+        for r in runs
+    ]  # fmt: skip
+
+
+def differing_params(runs: Sequence[RunSummary]) -> dict[str, list[str | None]]:
+    """Params whose value is not the same in every run (absent counts as a value)."""
+    keys = sorted({key for run in runs for key in run.params} - set(IGNORED_PARAMS))
+    table = {key: [run.params.get(key) for run in runs] for key in keys}
+    return {key: values for key, values in table.items() if len(set(values)) > 1}
+
+
+def final_metrics(
+    runs: Sequence[RunSummary], names: Sequence[str] = (), everything: bool = False
+) -> dict[str, list[float | None]]:
+    """The final value of each metric per run: ``names``, then the summary ones (or every
+    metric with ``everything``)."""
+    present = sorted({key for run in runs for key in run.metrics})
+    chosen = [n for n in names if n in present] + [
+        key
+        for key in present
+        if key not in names and (everything or key.startswith(SUMMARY_PREFIXES))
+    ]
+    return {key: [run.metrics.get(key) for run in runs] for key in chosen}
+
+
+def format_table(title: str, rows: dict[str, list], runs: Sequence[RunSummary]) -> str:
+    """A plain text table, one column per run."""
+    if not rows:
+        return f"{title}: none"
+
+    def cell(value) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4f}" if math.isfinite(value) else str(value)
+        return str(value)
+
+    header = [title, *(f"{run.name} ({run.run_id[:8]})" for run in runs)]
+    body = [[key, *map(cell, values)] for key, values in rows.items()]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True))
+             for row in [header, *body]]  # fmt: skip
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def metric_curves(
+    client, runs: Sequence[RunSummary], metrics: Sequence[str]
+) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{metric: {run_id: [(step, value), ...]}} of each metric's full history."""
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for metric in metrics:
+        curves[metric] = {}
+        for run in runs:
+            history = client.get_metric_history(run.run_id, metric)
+            points = sorted((m.step, m.value) for m in history)
+            if points:
+                curves[metric][run.run_id] = points
+    return curves
+
+
+def plot_curves(
+    curves: dict[str, dict[str, list[tuple[int, float]]]],
+    runs: Sequence[RunSummary],
+    path: str | Path,
+) -> Path:
+    """One panel per metric, one line per run, against the step; written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write files only
+    import matplotlib.pyplot as plt
+
+    names = {run.run_id: f"{run.name} ({run.run_id[:8]})" for run in runs}
+    figure, axes = plt.subplots(len(curves), 1, figsize=(7, 3 * max(1, len(curves))), squeeze=False)
+    for axis, (metric, by_run) in zip(axes[:, 0], curves.items(), strict=True):
+        for run in runs:
+            points = by_run.get(run.run_id)
+            if points:
+                steps, values = zip(*points, strict=True)
+                axis.plot(steps, values, marker="o" if len(points) < 20 else None,
+                          label=names[run.run_id])  # fmt: skip
+        axis.set_title(metric)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if by_run:
+            axis.legend(fontsize="small")
+        else:
+            axis.text(0.5, 0.5, "not logged by these runs", ha="center", transform=axis.transAxes)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def compare_runs(
+    client,
+    *,
+    run_ids: Sequence[str] = (),
+    experiment: str | None = None,
+    filter_string: str = "",
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    out: str | Path = "compare.png",
+    max_runs: int = 20,
+    all_metrics: bool = False,
+) -> tuple[str, Path]:
+    """The printed comparison (params that differ, final metrics) and the curves' PNG."""
+    runs = select_runs(client, run_ids=run_ids, experiment=experiment,
+                       filter_string=filter_string, max_runs=max_runs)  # fmt: skip
+    text = "\n\n".join(
+        [
+            format_table("param", differing_params(runs), runs),
+            format_table("final metric", final_metrics(runs, metrics, all_metrics), runs),
+        ]
+    )
+    path = plot_curves(metric_curves(client, runs, metrics), runs, out)
+    return text, path

@@ -1,0 +1,267 @@
+"""The evaluation stage: one checkpoint (:func:`evaluate_checkpoint`), or every checkpoint a
+training run writes, as it writes them (:func:`watch_training`).
+
+Every rank loads the checkpoint and evaluates its share of the validation set (the loader
+gives each sample to exactly one rank); rank 0 gathers the outputs, scores them, writes
+the files and logs to MLflow. Decisions that all ranks must share (whether the checkpoint
+loaded, which checkpoint to evaluate next) are taken together, so that no rank is left
+waiting in a collective the others skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.distributed as dist
+
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.data import build_val_loader, read_manifest
+from pipeline.data.ground_truth import read_ground_truth
+from pipeline.distributed import DistInfo, device_for
+from pipeline.modeling import model_args_from_config
+
+from .checkpoints import (
+    FINISHED_FILE,
+    LATEST_FILE,
+    CheckpointError,
+    LoadedCheckpoint,
+    build_eval_model,
+    entry_step,
+    load_checkpoint,
+)
+from .coco_eval import IOU_TYPES, resolve_backend
+from .inference import ModelPredictor, run_inference
+from .report import METRICS_FILE, EvalReport, EvalSettings, gather_outputs, score_outputs
+from .tracking import log_evaluation
+
+log = logging.getLogger(__name__)
+
+
+def build_eval_settings(cfg: Config) -> EvalSettings:
+    """``cfg.eval`` as :class:`EvalSettings`; a bad value fails with one line naming it."""
+    e = cfg.eval
+    bad = [t for t in e.iou_types if t not in IOU_TYPES]
+    if bad or not e.iou_types:
+        raise ConfigError(f"eval.iou_types: {list(e.iou_types)} (choose from {list(IOU_TYPES)})")
+    try:
+        resolve_backend(e.backend)  # fails early if faster is asked for and missing
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return EvalSettings(
+        iou_types=tuple(dict.fromkeys(e.iou_types)),
+        mask_threshold=e.mask_threshold,
+        backend=e.backend,
+        num_pictures=max(0, e.num_pictures),
+        picture_score_thresh=e.picture_score_thresh,
+    )
+
+
+def _agree(ok: bool, message: str, info: DistInfo) -> str:
+    """The first failing rank's message ("" when every rank succeeded), on every rank."""
+    if info.world_size == 1:
+        return "" if ok else message
+    everyone = [None] * info.world_size
+    dist.all_gather_object(everyone, "" if ok else message)
+    return next((m for m in everyone if m), "")
+
+
+def load_model_everywhere(cfg: Config, checkpoint: str | Path, info: DistInfo, manifest):
+    """(checkpoint, model) on every rank, or the same CheckpointError on every rank."""
+    loaded, model, message = None, None, ""
+    try:
+        loaded = load_checkpoint(checkpoint)
+        model = build_eval_model(
+            loaded,
+            num_classes=manifest.num_classes,
+            class_source=f"data.val_shards ({manifest.root})",
+            inference_args={
+                "min_size_test": cfg.input.min_size_test,
+                "max_size_test": cfg.input.max_size_test,
+                "channels_last": cfg.model.channels_last,
+            },
+            fallback_args=model_args_from_config(cfg) if loaded.model_args is None else None,
+        )
+    except CheckpointError as error:
+        message = str(error)
+    message = _agree(not message, message, info)
+    if message:
+        raise CheckpointError(message)
+    return loaded, model
+
+
+def evaluate_loaded(
+    cfg: Config,
+    loaded: LoadedCheckpoint,
+    predict: Callable,
+    out_dir: str | Path,
+    info: DistInfo,
+    *,
+    settings: EvalSettings | None = None,
+) -> EvalReport | None:
+    """Run ``predict`` over this rank's share, gather on rank 0 and score there (returns the
+    report on rank 0, None elsewhere)."""
+    settings = settings or build_eval_settings(cfg)
+    manifest = read_manifest(cfg.data.val_shards)
+    loader = build_val_loader(cfg, info.rank, info.world_size)
+    output = run_inference(
+        predict, loader,
+        contiguous_to_coco=manifest.contiguous_to_coco,
+        mask_threshold=settings.mask_threshold,
+        iou_types=settings.iou_types,
+        num_pictures=settings.num_pictures if info.is_main else 0,
+        picture_score_thresh=settings.picture_score_thresh,
+        progress=info.is_main,
+    )  # fmt: skip
+    outputs = gather_outputs(output, info.rank, info.world_size)
+    if not info.is_main:
+        return None
+    gt, gt_problems = read_ground_truth(cfg.data.val_shards)
+    return score_outputs(
+        outputs, gt=gt, gt_problems=gt_problems, manifest=manifest, settings=settings,
+        out_dir=out_dir, checkpoint=str(loaded.path), step=loaded.step,
+    )  # fmt: skip
+
+
+def evaluate_checkpoint(
+    cfg: Config,
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    info: DistInfo,
+    *,
+    tracking_dir: str | Path | None = None,
+) -> EvalReport | None:
+    """Evaluate one checkpoint into ``out_dir`` and log it to MLflow (rank 0 returns the
+    report). A missing or incompatible checkpoint raises CheckpointError on every rank.
+    ``tracking_dir`` (default ``out_dir``) keeps the run.json of an "eval" MLflow run."""
+    settings = build_eval_settings(cfg)
+    manifest = read_manifest(cfg.data.val_shards)
+    loaded, model = load_model_everywhere(cfg, checkpoint, info, manifest)
+    predict = ModelPredictor(model, device_for(info))
+    report = evaluate_loaded(cfg, loaded, predict, out_dir, info, settings=settings)
+    del predict, model
+    if report is not None:
+        log_evaluation(cfg, loaded, report, tracking_dir or out_dir)
+    return report
+
+
+# --- watching a training run ---------------------------------------------------------------
+
+
+def checkpoint_entries(checkpoint_dir: Path) -> list[str]:
+    """The complete checkpoint entries (``step_N.pt`` files, ``step_N`` DeepSpeed
+    directories) of a training run, by step."""
+    if not checkpoint_dir.is_dir():
+        return []
+    names = [p.name for p in checkpoint_dir.iterdir() if entry_step(p.name) is not None]
+    return sorted(names, key=entry_step)
+
+
+def next_to_evaluate(checkpoint_dir: Path, done: set[str]) -> tuple[str | None, bool]:
+    """(the oldest entry up to ``latest`` not yet evaluated, whether training finished and
+    nothing is left). FINISHED is read before ``latest``: training writes it last, so a
+    FINISHED seen first means the ``latest`` read after it is the final checkpoint."""
+    finished = (checkpoint_dir / FINISHED_FILE).exists()
+    latest_file = checkpoint_dir / LATEST_FILE
+    latest = latest_file.read_text().strip() if latest_file.is_file() else ""
+    if entry_step(latest) is None:
+        return None, False
+    pending = [
+        name
+        for name in checkpoint_entries(checkpoint_dir)
+        if name not in done and entry_step(name) <= entry_step(latest)
+    ]
+    if latest not in done and latest not in pending:
+        pending.append(latest)  # named by latest but listed under another name (odd): try it
+    if pending:
+        return pending[0], False
+    return None, finished
+
+
+def _broadcast(value, info: DistInfo):
+    if info.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def watch_training(
+    cfg: Config,
+    train_dir: str | Path,
+    out_dir: str | Path,
+    info: DistInfo,
+    *,
+    poll_s: float | None = None,
+    idle_timeout_s: float | None = None,
+) -> list[EvalReport]:
+    """Evaluate each checkpoint of the training run in ``train_dir`` as it appears, into
+    ``out_dir/<entry>/``, until training has written FINISHED and its latest checkpoint is
+    evaluated (or nothing new came for ``idle_timeout_s``, when positive). A checkpoint that
+    was evaluated before (its metrics.json exists) is not evaluated again."""
+    poll_s = cfg.eval.watch_poll_s if poll_s is None else poll_s
+    idle_timeout_s = cfg.eval.watch_idle_timeout_s if idle_timeout_s is None else idle_timeout_s
+    checkpoint_dir, out_dir = Path(train_dir) / "checkpoints", Path(out_dir)
+    done = {p.parent.name for p in out_dir.glob(f"*/{METRICS_FILE}")}
+    reports: list[EvalReport] = []
+    last_news = time.monotonic()
+    while True:
+        decision = None
+        if info.is_main:
+            name, finished = next_to_evaluate(checkpoint_dir, done)
+            if name is not None:
+                decision = ("evaluate", name)
+            elif finished:
+                decision = ("stop", "training finished and its last checkpoint is evaluated")
+            elif idle_timeout_s > 0 and time.monotonic() - last_news > idle_timeout_s:
+                decision = ("stop", f"no new checkpoint for {idle_timeout_s:.0f} s")
+            else:
+                decision = ("wait", "")
+        action, detail = _broadcast(decision, info)
+        if action == "stop":
+            if info.is_main:
+                print(f"watch: {detail}; {len(done)} checkpoints evaluated", flush=True)
+            return reports
+        if action == "wait":
+            time.sleep(poll_s)
+            continue
+        done.add(detail)
+        last_news = time.monotonic()
+        if info.is_main:
+            print(f"watch: evaluating {checkpoint_dir / detail}", flush=True)
+        try:
+            report = evaluate_checkpoint(
+                cfg, checkpoint_dir / detail, out_dir / detail, info, tracking_dir=out_dir
+            )
+        except CheckpointError as error:  # e.g. deleted by the rotation meanwhile
+            if info.is_main:
+                log.warning("watch: skipped %s: %s", detail, error)
+            continue
+        if report is not None:
+            reports.append(report)
+
+
+def config_for(path: str | None, overrides: list[str], checkpoint: str | None, watch: str | None):
+    """The evaluation's config: the file given, else the training run's config.yaml (in
+    the watched directory, or in the run directory the checkpoint lies in), with the
+    overrides on top."""
+    if path is not None:
+        return load_config(path, overrides)
+    start = Path(watch if watch is not None else checkpoint or ".").resolve()
+    for directory in (start, *start.parents[:2]):
+        if (directory / "config.yaml").is_file():
+            return load_config(directory / "config.yaml", overrides)
+    raise CheckpointError(f"no --config given and no training config.yaml at or above {start}")
+
+
+__all__ = [
+    "build_eval_settings",
+    "checkpoint_entries",
+    "config_for",
+    "evaluate_checkpoint",
+    "evaluate_loaded",
+    "next_to_evaluate",
+    "watch_training",
+]

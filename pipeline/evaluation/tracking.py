@@ -1,0 +1,70 @@
+"""The evaluation's MLflow logging: into the training run that made the checkpoint.
+
+The checkpoint's ``"tracking"`` names that run (``run_id``, ``uri``). Its metrics are logged
+there at the checkpoint's step, named ``eval/<iou type>/<stat>`` (``eval/segm/AP``), so that
+a watcher beside training draws an AP-against-step curve in the training run itself; the
+run is tagged ``eval.last_step`` / ``eval.checkpoint``. The files (metrics.json, bbox.json,
+segm.json) and the pictures go under the artifact folder ``eval/<entry>/``. A checkpoint
+without a run (a converted torchvision model, tracking off in training), or whose run
+cannot be reached, is logged into a run of the stage "eval" kept in the evaluation's output
+directory (its run.json), which the checkpoints of one --watch share. Like all tracking,
+failures only warn.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pipeline.config import Config
+from pipeline.tracking import Tracker
+
+from .checkpoints import LoadedCheckpoint
+from .report import EvalReport
+
+log = logging.getLogger(__name__)
+
+METRIC_PREFIX = "eval/"
+
+
+def open_tracker(cfg: Config, checkpoint: LoadedCheckpoint, run_dir) -> tuple[Tracker, bool]:
+    """(tracker, attached): the training run's tracker when the checkpoint names a run that
+    can be reached, else a new "eval" run."""
+    tracking = cfg.tracking
+    common = dict(run_dir=run_dir, stage="eval", experiment=tracking.experiment,
+                  enabled=tracking.enabled)  # fmt: skip
+    run_id = checkpoint.tracking.get("run_id")
+    if tracking.enabled and run_id:
+        tracker = Tracker(**common, uri=checkpoint.tracking.get("uri") or tracking.uri,
+                          run_id=run_id)  # fmt: skip
+        if tracker.enabled and tracker.run_id == run_id:
+            return tracker, True
+        tracker.close(timeout=1)
+        log.warning("tracking: training run %s not reachable; logging into a new run", run_id)
+    tags = {"eval.checkpoint": str(checkpoint.path), "eval.source": checkpoint.source}
+    tracker = Tracker(**common, uri=tracking.uri, run_name=tracking.run_name or "eval",
+                      tags=tags)  # fmt: skip
+    return tracker, False
+
+
+def log_evaluation(
+    cfg: Config, checkpoint: LoadedCheckpoint, report: EvalReport, run_dir
+) -> str | None:
+    """Log the report's metrics, files and pictures; returns the run id (None when tracking
+    is off or failed). ``run_dir`` keeps the run.json of an "eval" run."""
+    if not cfg.tracking.enabled:
+        return None
+    tracker, _ = open_tracker(cfg, checkpoint, run_dir)
+    step = checkpoint.step if checkpoint.step is not None else 0
+    metrics = {METRIC_PREFIX + key: value for key, value in report.scalar_metrics().items()}
+    tracker.log_metrics(metrics, step=step)
+    tracker.set_tags(
+        {"eval.last_step": step, "eval.checkpoint": str(checkpoint.path), "evaluated": "true"}
+    )
+    folder = f"eval/{checkpoint.name}"
+    for path in report.files:
+        tracker.log_artifact(path, folder)
+    for path in report.pictures:
+        tracker.log_artifact(path, f"{folder}/pictures")
+    run_id = tracker.run_id if tracker.enabled else None
+    tracker.close()  # delivers what is queued; an attached run keeps its status (training's)
+    return run_id
