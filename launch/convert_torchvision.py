@@ -5,7 +5,8 @@
 IN.pth is a torchvision state dict (or a dict holding one under "model" / "state_dict").
 OUT.pt is ``{"model": state_dict, "model_args": kwargs, "source": "torchvision"}``, which
 ``MaskRCNN.from_checkpoint`` rebuilds exactly (aligned=False pooling, torchvision's box
-coders and input sizes) and which ``cfg.model.weights`` loads into a configured model.
+coders and input sizes) and which ``train.init_from`` (``pipeline.modeling.load_init_weights``)
+loads into a configured model of any class count, re-initialising the mismatched predictors.
 """
 
 from __future__ import annotations

@@ -192,11 +192,22 @@ class ProposalMatcher:
 class BalancedSampler:
     """Samples up to ``batch_size_per_image`` candidates per image with at most
     ``positive_fraction`` positives (labels >= 1), filling up with negatives (labels == 0);
-    labels < 0 are never sampled."""
+    labels < 0 are never sampled.
+
+    The permutations are drawn from ``generator`` (any device; set by
+    ``MaskRCNN.set_generator``) or, when it is None, from torch's global RNG.
+    """
 
     def __init__(self, batch_size_per_image: int, positive_fraction: float) -> None:
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
+        self.generator: torch.Generator | None = None
+
+    def _randperm(self, n: int, device: torch.device) -> Tensor:
+        if self.generator is None:
+            return torch.randperm(n, device=device)
+        perm = torch.randperm(n, device=self.generator.device, generator=self.generator)
+        return perm.to(device)
 
     def __call__(self, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Indices of the sampled positives and negatives of one image's ``labels`` [N]."""
@@ -204,6 +215,6 @@ class BalancedSampler:
         negative = torch.where(labels == 0)[0]
         num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
         num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
-        pos = positive[torch.randperm(positive.numel(), device=labels.device)[:num_pos]]
-        neg = negative[torch.randperm(negative.numel(), device=labels.device)[:num_neg]]
+        pos = positive[self._randperm(positive.numel(), labels.device)[:num_pos]]
+        neg = negative[self._randperm(negative.numel(), labels.device)[:num_neg]]
         return pos, neg

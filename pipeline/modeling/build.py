@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import Any
-
-import torch
 
 from pipeline.config import Config
 
@@ -22,6 +18,9 @@ def model_args_from_config(cfg: Config) -> dict[str, Any]:
         "depth": m.backbone.depth,
         "frozen_stages": m.backbone.frozen_stages,
         "fpn_channels": m.backbone.fpn_channels,
+        "norm": m.backbone.norm,
+        "fpn_norm": m.fpn_norm,
+        "head_norm": m.head_norm,
         "anchor_sizes": list(m.anchors.sizes),
         "aspect_ratios": list(m.anchors.aspect_ratios),
         "rpn_pre_nms_top_n_train": rpn.pre_nms_top_n_train,
@@ -66,50 +65,8 @@ def model_args_from_config(cfg: Config) -> dict[str, Any]:
     }
 
 
-def load_weights(model: MaskRCNN, path: str | os.PathLike) -> list[str]:
-    """Load a checkpoint written by :meth:`MaskRCNN.save_checkpoint` or
-    ``launch/convert_torchvision.py`` into ``model``.
-
-    Parameters whose shape differs (e.g. the class-specific predictors of a COCO model loaded
-    into a model with another class count) are skipped and returned, so a converted model can
-    be fine-tuned; a key missing from either side is an error. Warns when the checkpoint was
-    made with other numerics-relevant arguments (e.g. torchvision's aligned=False pooling).
-    """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = checkpoint.get("model", checkpoint)
-    if state and all(key.startswith("module.") for key in state):  # saved from a DDP wrapper
-        state = {key[len("module.") :]: value for key, value in state.items()}
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise KeyError(
-            f"checkpoint {path}: missing keys {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    skipped = [k for k, v in state.items() if v.shape != own[k].shape]
-    model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
-    recorded = checkpoint.get("model_args", {})
-    differing = {
-        k: (recorded[k], model.model_args.get(k))
-        for k in recorded
-        if k not in ("num_classes",) and recorded[k] != model.model_args.get(k)
-    }
-    if differing:
-        warnings.warn(
-            f"checkpoint {path} was saved with other model arguments (checkpoint, config): "
-            f"{differing}",
-            stacklevel=2,
-        )
-    if skipped:
-        warnings.warn(
-            f"checkpoint {path}: skipped parameters of another shape: {skipped}", stacklevel=2
-        )
-    return skipped
-
-
 def build_model(cfg: Config) -> MaskRCNN:
-    """The Mask R-CNN of ``cfg``, initialised from ``cfg.model.weights`` when set."""
-    model = MaskRCNN(**model_args_from_config(cfg))
-    if cfg.model.weights:
-        load_weights(model, cfg.model.weights)
-    return model
+    """The freshly initialised Mask R-CNN of ``cfg``. Weights are the train stage's business
+    (``train.init_from`` through :func:`~pipeline.modeling.weights.load_init_weights`, resume
+    through :func:`~pipeline.modeling.weights.load_strict_state`)."""
+    return MaskRCNN(**model_args_from_config(cfg))

@@ -1,5 +1,6 @@
-"""RoI heads: proposal matching and sampling, the box head (2 FC) and predictor, the mask
-head (4 convs + deconv) and predictor, their losses and the inference post-processing."""
+"""RoI heads: proposal matching and sampling, the box head (2 FC, or 4 conv + 1 FC with
+GroupNorm) and predictor, the mask head (4 convs + deconv, optionally with GroupNorm) and
+predictor, their losses and the inference post-processing."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 import ops
 
+from .backbone import group_norm
 from .boxes import (
     DEFAULT_BBOX_XFORM_CLIP,
     BalancedSampler,
@@ -19,7 +21,7 @@ from .boxes import (
     clip_boxes_to_image,
     nonsmall_box_mask,
 )
-from .losses import BoxLoss, box_regression_loss, sigmoid_focal_loss
+from .losses import BoxLoss, average_across_ranks, box_regression_loss, sigmoid_focal_loss
 
 # FPN levels P2..P5 pooled by the RoI heads, and their strides' inverse.
 POOLER_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
@@ -45,6 +47,30 @@ class BoxHead(nn.Module):
         return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
 
 
+class ConvFCBoxHead(nn.Module):
+    """detectron2's ``4conv1fc`` head: four 3x3 convolutions (no bias) + GroupNorm + ReLU over
+    the pooled features, keeping their ``channels``, then one fully connected layer + ReLU."""
+
+    def __init__(self, *, channels: int, resolution: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False) for _ in range(4)
+        )
+        where = f"the box head (fpn_channels={channels})"
+        self.norms = nn.ModuleList(group_norm(channels, where) for _ in range(4))
+        # Not named fc6: a 2fc head's fc6 has the same shape but another meaning.
+        self.fc = nn.Linear(channels * resolution * resolution, hidden_dim)
+        for conv in self.convs:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.kaiming_uniform_(self.fc.weight, a=1)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            x = norm(conv(x)).relu_()
+        return F.relu(self.fc(x.flatten(1)))
+
+
 class BoxPredictor(nn.Module):
     """Class logits and class-specific box deltas. ``num_class_logits`` is ``num_classes`` for
     the softmax classifier and ``num_classes - 1`` (foreground only) for the sigmoid focal one."""
@@ -66,26 +92,37 @@ class BoxPredictor(nn.Module):
 
 class MaskHead(nn.Module):
     """Four 3x3 conv + ReLU, a stride-2 deconvolution + ReLU and a 1x1 conv giving one mask
-    logit map per class (28x28 from 14x14 pooled features)."""
+    logit map per class (28x28 from 14x14 pooled features). ``norm="gn"`` puts a GroupNorm
+    after each of the four convolutions (which then have no bias)."""
 
-    def __init__(self, *, in_channels: int, channels: int, num_classes: int) -> None:
+    def __init__(
+        self, *, in_channels: int, channels: int, num_classes: int, norm: str = "none"
+    ) -> None:
         super().__init__()
+        bias = norm == "none"
         self.convs = nn.ModuleList(
-            nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1) for i in range(4)
+            nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=bias)
+            for i in range(4)
         )
+        self.norms: nn.ModuleList | None = None
+        if norm == "gn":
+            where = f"the mask head (mask_head_channels={channels})"
+            self.norms = nn.ModuleList(group_norm(channels, where) for _ in range(4))
         self.deconv = nn.ConvTranspose2d(channels, channels, 2, stride=2)
         self.logits = nn.Conv2d(channels, num_classes, 1)
         for layer in [*self.convs, self.deconv]:
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(layer.bias)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
         # Small initial logits (detectron2): torchvision's kaiming init of this 1x1 layer starts
         # the mask loss several times above log(2).
         nn.init.normal_(self.logits.weight, std=0.001)
         nn.init.zeros_(self.logits.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        for conv in self.convs:
-            x = F.relu(conv(x))
+        for index, conv in enumerate(self.convs):
+            x = conv(x)
+            x = F.relu(x if self.norms is None else self.norms[index](x))
         return self.logits(F.relu(self.deconv(x)))
 
 
@@ -117,20 +154,30 @@ class RoIHeads(nn.Module):
         pooler_mode: str = "bilinear",
         box_weights: Sequence[float] = (10.0, 10.0, 5.0, 5.0),
         bbox_xform_clip: float = DEFAULT_BBOX_XFORM_CLIP,
+        head_norm: str = "none",
     ) -> None:
         super().__init__()
         if classifier_loss not in ("ce", "focal"):
             raise ValueError(f"unknown classifier loss {classifier_loss!r}")
+        if head_norm not in ("none", "gn"):
+            raise ValueError(f"unknown head norm {head_norm!r}; use 'none' or 'gn'")
         self.num_classes = num_classes
         self.classifier_loss = classifier_loss
-        self.box_head = BoxHead(in_features=in_channels * 7 * 7, hidden_dim=box_head_dim)
+        self.box_head: nn.Module = (
+            BoxHead(in_features=in_channels * 7 * 7, hidden_dim=box_head_dim)
+            if head_norm == "none"
+            else ConvFCBoxHead(channels=in_channels, resolution=7, hidden_dim=box_head_dim)
+        )
         self.box_predictor = BoxPredictor(
             in_features=box_head_dim,
             num_classes=num_classes,
             num_class_logits=num_classes - 1 if classifier_loss == "focal" else num_classes,
         )
         self.mask_head = MaskHead(
-            in_channels=in_channels, channels=mask_head_channels, num_classes=num_classes
+            in_channels=in_channels,
+            channels=mask_head_channels,
+            num_classes=num_classes,
+            norm=head_norm,
         )
         self.matcher = ProposalMatcher(
             fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False
@@ -237,9 +284,11 @@ class RoIHeads(nn.Module):
             # Sigmoid over the foreground classes; background is the all-zeros target.
             one_hot = torch.zeros_like(class_logits)
             one_hot[pos, labels[pos] - 1] = 1.0
+            # Normalised by the positives of the whole global batch (averaged over ranks), so
+            # the gradient does not depend on how the batch is split across processes.
             classifier_loss = sigmoid_focal_loss(
                 class_logits, one_hot, self.focal_alpha, self.focal_gamma, "sum"
-            ) / max(1, pos.numel())
+            ) / max(1.0, average_across_ranks(pos.numel(), class_logits.device))
         elif labels.numel() > 0:
             classifier_loss = F.cross_entropy(class_logits, labels)
         else:

@@ -18,7 +18,7 @@ from .boxes import (
     clip_boxes_to_image,
     nonsmall_box_mask,
 )
-from .losses import BoxLoss, box_regression_loss, sigmoid_focal_loss
+from .losses import BoxLoss, average_across_ranks, box_regression_loss, sigmoid_focal_loss
 
 
 class AnchorGenerator(nn.Module):
@@ -247,9 +247,12 @@ class RegionProposalNetwork(nn.Module):
             deltas.reshape(-1, 4)[pos], torch.cat(pos_targets), self.box_loss, self.smooth_l1_beta
         ) / max(1, sampled.numel())
         if self.objectness_loss == "focal":
+            # Normalised by the positives of the whole global batch (averaged over ranks), so
+            # the gradient does not depend on how the batch is split across processes.
+            num_pos = average_across_ranks(pos.numel(), sampled_logits.device)
             objectness_loss = sigmoid_focal_loss(
                 sampled_logits, sampled_labels, self.focal_alpha, self.focal_gamma, "sum"
-            ) / max(1, pos.numel())
+            ) / max(1.0, num_pos)
         else:
             objectness_loss = F.binary_cross_entropy_with_logits(sampled_logits, sampled_labels)
         if sampled.numel() == 0:  # keep the graph connected and the loss finite

@@ -44,6 +44,7 @@ class ImagePreprocessor(nn.Module):
     ``min_size_train`` (what the data loader produces) is passed through without a second
     interpolation; otherwise one of ``min_size_train`` is drawn per image, as torchvision does.
     In evaluation every image is resized with ``min_size_test``/``max_size_test``.
+    ``generator``: the source of that draw (None: torch's global RNG).
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class ImagePreprocessor(nn.Module):
         self.min_size_test = int(min_size_test)
         self.max_size_test = int(max_size_test)
         self.size_divisibility = int(size_divisibility)
+        self.generator: torch.Generator | None = None
         self.register_buffer(
             "pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False
         )
@@ -76,7 +78,14 @@ class ImagePreprocessor(nn.Module):
             # bound, which the rule would "fix" by a 1-pixel resize: treat that as resized.
             if abs(out_h - height) <= 1 and abs(out_w - width) <= 1:
                 return None
-        index = int(torch.empty(1).uniform_(0.0, float(len(self.min_size_train))).item())
+        # torchvision's draw; from the owned generator when one is set (see set_generator).
+        if self.generator is None:
+            draw = torch.empty(1).uniform_(0.0, float(len(self.min_size_train)))
+        else:
+            draw = torch.empty(1, device=self.generator.device).uniform_(
+                0.0, float(len(self.min_size_train)), generator=self.generator
+            )
+        index = int(draw.item())
         return self.min_size_train[index]
 
     def forward(

@@ -4,6 +4,8 @@ detections, smooth test images, a detection-by-detection comparison and a synthe
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torchvision
 
@@ -116,3 +118,55 @@ def synthetic_batch():
     second = make(160, 160, [(30, 30, 120, 100)], [3])
     empty = make(160, 176, [], [])
     return first, second, empty
+
+
+def tiny_config(**model_overrides):
+    """The shapes_r18_cpu config shrunk for fast tests: ResNet-18, 32-channel FPN and heads,
+    128-pixel images. ``model_overrides`` are dotted keys under ``model`` (``backbone.norm``)."""
+    from pipeline.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs/shapes_r18_cpu.yaml"))
+    cfg.model.backbone.fpn_channels = 32
+    cfg.model.roi_heads.mask_head_channels = 32
+    cfg.model.roi_heads.box_head_dim = 64
+    cfg.model.roi_heads.batch_size_per_image = 64
+    cfg.model.rpn.batch_size_per_image = 64
+    cfg.model.rpn.pre_nms_top_n_train = 300
+    cfg.model.rpn.post_nms_top_n_train = 100
+    cfg.input.min_size_train = [128]
+    cfg.input.max_size_train = 128
+    cfg.input.min_size_test = 128
+    cfg.input.max_size_test = 128
+    for key, value in model_overrides.items():
+        *path, name = key.split(".")
+        node = cfg.model
+        for part in path:
+            node = getattr(node, part)
+        setattr(node, name, value)
+    return cfg
+
+
+def tiny_batch(size: int = 128, num_images: int = 2):
+    """``num_images`` size x size images with 1..3 rectangles of classes 1..3, and targets."""
+    layouts = [
+        [((8, 12, 60, 70), 1), ((70, 30, 120, 100), 2)],
+        [((20, 20, 90, 80), 3)],
+        [((5, 5, 40, 50), 2), ((50, 60, 110, 120), 1), ((80, 10, 120, 40), 3)],
+    ]
+    images, targets = [], []
+    for index in range(num_images):
+        image = torch.full((3, size, size), 0.2)
+        layout = layouts[index % len(layouts)]
+        masks = torch.zeros(len(layout), size, size, dtype=torch.uint8)
+        for i, ((x1, y1, x2, y2), label) in enumerate(layout):
+            masks[i, y1:y2, x1:x2] = 1
+            image[label - 1, y1:y2, x1:x2] = 0.9
+        images.append(image)
+        targets.append(
+            {
+                "boxes": torch.tensor([box for box, _ in layout], dtype=torch.float32),
+                "labels": torch.tensor([label for _, label in layout], dtype=torch.int64),
+                "masks": masks,
+            }
+        )
+    return images, targets

@@ -60,7 +60,7 @@ def test_overfits_two_images():
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
     history = []
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(80):
         loss = sum(model(images, targets).values())
         assert math.isfinite(loss.item())
@@ -68,8 +68,10 @@ def test_overfits_two_images():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        # Stop as soon as the bound is reached (or the time budget of the test is spent).
-        if min(history[-3:]) < 0.35 * history[0] or time.perf_counter() - start > 90:
+        # Stop as soon as the bound is reached (or the time budget of the test is spent). The
+        # budget is CPU time (all threads: about 2 x 90 s of wall time uncontended), so a
+        # loaded machine slows the test down instead of failing it (it needs ~30 steps).
+        if min(history[-3:]) < 0.35 * history[0] or time.process_time() - start > 180:
             break
     assert history[0] > 2.0  # the bound below is far under the initial loss
     assert min(history[-3:]) < 0.35 * history[0], history
