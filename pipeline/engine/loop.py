@@ -28,7 +28,14 @@ from pipeline.modeling import build_model
 from pipeline.modeling.weights import load_init_weights, load_strict_state
 from pipeline.tracking import build_tracker
 
-from .checkpoint import FINISHED, checkpoint_dir, latest_entry, rng_state, set_rng_state
+from .checkpoint import (
+    FINISHED,
+    CheckpointError,
+    checkpoint_dir,
+    latest_entry,
+    rng_state,
+    set_rng_state,
+)
 from .checkpoint import resolve_resume as find_resume
 from .optim import build_optimization
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
@@ -108,7 +115,10 @@ def _train(cfg, info: DistInfo) -> int:
         model = convert_sync_batchnorm(model, device)
     resume_from = find_resume(t.resume, out)
     if resume_from is None and t.init_from:
-        report = load_init_weights(model, t.init_from)
+        try:
+            report = load_init_weights(model, t.init_from)
+        except (ValueError, OSError) as error:
+            raise CheckpointError(f"train.init_from={t.init_from}: {error}") from error
         if info.is_main:
             for line in report.summary_lines():
                 log.info("init_from %s: %s", t.init_from, line)
@@ -199,7 +209,7 @@ def _train(cfg, info: DistInfo) -> int:
                 if nonfinite:
                     nonfinite_in_row += 1
                     if info.is_main:
-                        values = {k: round(float(v), 4) for k, v in losses.items()}
+                        values = {k: round(float(v.detach()), 4) for k, v in losses.items()}
                         log.warning(
                             "step %d: non-finite loss on some rank %s; batch skipped (%d in a row)",
                             step + 1,

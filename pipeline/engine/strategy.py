@@ -134,7 +134,10 @@ class DDPStrategy:
                 f"{path} is a DeepSpeed checkpoint; resume it with distributed.strategy=deepspeed"
             )
         state = load_file_checkpoint(path)
-        load_model(self.module, state["model"], str(path))
+        try:
+            load_model(self.module, state["model"], str(path))
+        except RuntimeError as error:  # a missing or mis-shaped tensor, named by the loader
+            raise CheckpointError(f"cannot resume: {error}") from error
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state:

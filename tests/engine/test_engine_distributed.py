@@ -297,3 +297,12 @@ def test_a_rank_that_cannot_get_a_sample_stops_the_job(engine_shards, tmp_path):
     assert time.monotonic() - started < 200  # stopped, did not wait on the all-reduce
     line = next(x for x in result.stderr.splitlines() if "train: error: SampleDecodeError" in x)
     assert ".tar" in line
+
+
+def test_sync_bn_learns_under_two_process_ddp(engine_shards, tmp_path):
+    from test_engine_train import LEARNING, assert_learns
+
+    out = tmp_path / "sync_bn"
+    overrides = {"model.backbone.norm": "sync_bn", **LEARNING, "train.batch_size": 1}
+    assert_ok(run_train(2, tiny_overrides(engine_shards, out, **overrides)), "sync_bn")
+    assert_learns(out, "sync_bn")

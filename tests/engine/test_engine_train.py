@@ -76,24 +76,42 @@ def test_non_finite_losses_skip_steps_then_stop_the_run(engine_shards, tmp_path,
     assert "non-finite loss" in caplog.text and "batch skipped" in caplog.text
 
 
+def assert_learns(out, what):
+    """Both classifiers start at chance (objectness ln 2, a 4-way softmax ln 4); together they
+    must fall by a quarter. (The box and mask losses may rise for a while as the RPN starts
+    to propose objects, so the total is a weak signal over a few dozen steps.)"""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    def classification(record):
+        return record["loss/loss_objectness"] + record["loss/loss_classifier"]
+
+    assert classification(records[-1]) < 0.75 * classification(records[0]), (what, records)
+
+
+LEARNING = {
+    "train.max_steps": 24,
+    "train.log_every": 4,
+    "train.checkpoint_every": 100,
+    "train.lr": 0.02,
+    "train.lr_steps": [100],
+    "train.warmup_iters": 4,
+}
+
+
 @pytest.mark.parametrize("norm", ["frozen_bn", "bn", "gn"])
 def test_each_norm_learns_on_a_small_set(engine_shards, tmp_path, norm):
-    overrides = {
-        "model.backbone.norm": norm,
-        "train.max_steps": 24,
-        "train.log_every": 4,
-        "train.checkpoint_every": 100,
-        "train.lr": 0.02,
-        "train.lr_steps": [100],
-        "train.warmup_iters": 4,
-    }
+    overrides = {"model.backbone.norm": norm, **LEARNING}
     if norm == "gn":
-        overrides.update({"model.fpn_norm": "gn", "model.head_norm": "gn"})
+        overrides.update(
+            {
+                "model.fpn_norm": "gn",
+                "model.head_norm": "gn",
+                "model.roi_heads.mask_head_channels": 32,
+            }
+        )
     out = tmp_path / norm
     assert train(tiny_config(engine_shards, out, **overrides)) == 0
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    first, last = records[0]["loss/total"], records[-1]["loss/total"]
-    assert last < 0.8 * first, f"{norm}: loss {first:.3f} -> {last:.3f}"
+    assert_learns(out, norm)
 
 
 def test_strict_resume_refuses_another_model(engine_shards, tmp_path):
@@ -102,7 +120,7 @@ def test_strict_resume_refuses_another_model(engine_shards, tmp_path):
     bigger = tiny_config(
         engine_shards, out, **{"train.max_steps": 4, "model.backbone.fpn_channels": 48}
     )
-    with pytest.raises((CheckpointError, KeyError, ValueError, RuntimeError), match="fpn"):
+    with pytest.raises(CheckpointError, match="fpn"):
         train(bigger)
 
 
