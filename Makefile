@@ -27,18 +27,54 @@ lint: install
 test: install lint
 	$(PY) -m pytest
 
+# make demo: the whole pipeline on the generated shapes dataset, on this machine's CPUs.
+# DEMO_OUT/train is the training run, DEMO_OUT/eval its evaluation, DEMO_OUT/mlflow.db the
+# MLflow store of every stage and every demo run (a second `make demo` trains a new run and
+# reuses the data and shards).
 DEMO_DATA ?= data/shapes
+DEMO_OUT ?= outputs/demo
+DEMO_CONFIG ?= configs/shapes_r18_cpu.yaml
+DEMO_TRAIN_IMAGES ?= 1000
+DEMO_VAL_IMAGES ?= 200
+DEMO_OVERRIDES ?=
+DEMO_PROCS ?= 2
+DEMO_MLFLOW = sqlite:///$(abspath $(DEMO_OUT))/mlflow.db
+DEMO_DATA_KEYS = data.train_shards=$(DEMO_DATA)/shards/train data.val_shards=$(DEMO_DATA)/shards/val \
+	tracking.uri=$(DEMO_MLFLOW) $(DEMO_OVERRIDES)
+# One thread per process: two processes on two cores, no oversubscription.
+TORCHRUN = OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node=$(DEMO_PROCS)
 
 demo: install
-	# Stage 1 on the embedded default: generate the shapes dataset, then shard it.
-	$(PY) launch/make_shapes.py --out $(DEMO_DATA) --train 200 --val 50 --size 256 --seed 0
-	$(PY) launch/build_shards.py --annotations $(DEMO_DATA)/annotations/instances_train.json \
-		--images $(DEMO_DATA)/images/train --out $(DEMO_DATA)/shards/train --shard-size 50 --workers 2
-	$(PY) launch/build_shards.py --annotations $(DEMO_DATA)/annotations/instances_val.json \
-		--images $(DEMO_DATA)/images/val --out $(DEMO_DATA)/shards/val --shard-size 25 --workers 2
-	$(PY) -m pipeline.config configs/shapes_r18_cpu.yaml > $(DEMO_DATA)/demo_config.yaml
-	@echo "Shards and manifests are in $(DEMO_DATA)/shards; the resolved demo config is in $(DEMO_DATA)/demo_config.yaml."
-	@echo "Training and evaluation are not wired into the demo yet: they land with their own issues."
+	@mkdir -p $(DEMO_OUT)
+	@if [ -f $(DEMO_DATA)/annotations/instances_val.json ]; then \
+		echo "== 1/4 shapes dataset: reusing $(DEMO_DATA)"; \
+	else \
+		echo "== 1/4 shapes dataset -> $(DEMO_DATA)"; \
+		$(PY) launch/make_shapes.py --out $(DEMO_DATA) --train $(DEMO_TRAIN_IMAGES) \
+			--val $(DEMO_VAL_IMAGES) --seed 0 || exit 1; \
+	fi
+	@for split in train val; do \
+		if [ -f $(DEMO_DATA)/shards/$$split/index.json ]; then \
+			echo "== 2/4 $$split shards: reusing $(DEMO_DATA)/shards/$$split"; \
+		else \
+			echo "== 2/4 $$split shards -> $(DEMO_DATA)/shards/$$split"; \
+			$(PY) launch/build_shards.py --annotations $(DEMO_DATA)/annotations/instances_$$split.json \
+				--images $(DEMO_DATA)/images/$$split --out $(DEMO_DATA)/shards/$$split \
+				--shard-size 100 --workers 2 --no-progress --tracking-uri $(DEMO_MLFLOW) || exit 1; \
+		fi; \
+	done
+	@echo "== 3/4 training ($(DEMO_PROCS) processes, DDP on the CPU) -> $(DEMO_OUT)/train"
+	@rm -rf $(DEMO_OUT)/train $(DEMO_OUT)/eval
+	$(TORCHRUN) launch/train.py --config $(DEMO_CONFIG) train.output_dir=$(DEMO_OUT)/train \
+		$(DEMO_DATA_KEYS)
+	@echo "== 4/4 evaluation ($(DEMO_PROCS) processes) -> $(DEMO_OUT)/eval"
+	$(TORCHRUN) launch/evaluate.py --config $(DEMO_CONFIG) --checkpoint $(DEMO_OUT)/train \
+		--out $(DEMO_OUT)/eval $(DEMO_DATA_KEYS)
+	@echo ""
+	@echo "Metrics:   $(DEMO_OUT)/eval/metrics.json"
+	@echo "Pictures:  $(DEMO_OUT)/eval/pictures/"
+	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri $(DEMO_MLFLOW)"
+	@echo "Compare:   $(PY) launch/compare.py --uri $(DEMO_MLFLOW) --experiment maskrcnn --filter \"tags.stage = 'train'\""
 
 clean:
 	rm -rf build *.egg-info ops/*.so

@@ -52,7 +52,84 @@ def describe_keys(cls: type = Config, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(hint):
             lines.extend(describe_keys(hint, key + "."))
         else:
-            lines.append(
-                f"{key} = {getattr(defaults, name)!r}  # {' '.join(docs.get(name, '').split())}"
-            )
+            lines.append(f"{key} = {getattr(defaults, name)!r}  # {_one_line(docs.get(name, ''))}")
     return lines
+
+
+# --- the Markdown reference (docs/config.md) -------------------------------------------------
+
+REFERENCE_PATH = "docs/config.md"
+REGENERATE_COMMAND = f"python -m pipeline.config --markdown > {REFERENCE_PATH}"
+
+
+def markdown_reference(cls: type = Config) -> str:
+    """The Markdown reference of every key (``python -m pipeline.config --markdown``): one
+    section per config class, in schema order, each a table of its keys with their type,
+    default and docstring. docs/config.md holds it; a test keeps it current."""
+    lines = [
+        "# Configuration reference",
+        "",
+        f"> Generated from the docstrings of `pipeline/config/schema.py` by "
+        f"`{REGENERATE_COMMAND}`; edit the schema, then regenerate.",
+        "",
+        "Every stage reads this one config: a YAML file (which may inherit others with "
+        "`_base_:`) plus dotted `key=value` overrides on the command line, e.g. "
+        "`train.lr=0.01 model.backbone.depth=34`. In YAML, a key `a.b.c` is written nested "
+        "(`a:` / `b:` / `c: value`). `python -m pipeline.config FILE [key=value ...]` prints "
+        "the resolved config.",
+    ]
+    lines.extend(_markdown_section(cls, prefix="", title_doc="", level=1))
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_section(cls: type, prefix: str, title_doc: str, level: int) -> list[str]:
+    """The section of ``cls`` (its leaf keys as a table), then its sub-sections."""
+    defaults = cls()
+    docs = field_docs(cls)
+    hints = _hints(cls)
+    lines = []
+    if prefix:
+        lines += ["", f"{'#' * level} `{prefix.rstrip('.')}`", ""]
+        if title_doc:
+            lines += [_one_line(title_doc), ""]
+    leaves = [name for name, hint in hints.items() if not dataclasses.is_dataclass(hint)]
+    if leaves:
+        lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for name in leaves:
+            cells = (
+                f"`{prefix}{name}`",
+                _type_name(hints[name]),
+                f"`{_yaml_value(getattr(defaults, name))}`",
+                _one_line(docs.get(name, "")),
+            )
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    for name, hint in hints.items():
+        if dataclasses.is_dataclass(hint):
+            lines += _markdown_section(hint, f"{prefix}{name}.", docs.get(name, ""), level + 1)
+    return lines
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _type_name(hint: typing.Any) -> str:
+    """int, float, list[int], ... or the choices of a Literal, as they are written in YAML."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(f"`{_yaml_value(c)}`" for c in typing.get_args(hint))
+    if origin is not None:
+        args = ", ".join(_type_name(arg) for arg in typing.get_args(hint))
+        return f"{origin.__name__}[{args}]"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _yaml_value(value: typing.Any) -> str:
+    """A default as it would be written in a YAML file or an override."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value else '""'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_yaml_value(item) for item in value) + "]"
+    return repr(value)

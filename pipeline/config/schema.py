@@ -1,7 +1,7 @@
 """The typed configuration schema shared by every stage.
 
 Each field carries a docstring (the string literal right below it); ``python -m
-pipeline.config --help-keys`` prints them and the tests check that none is missing.
+pipeline.config --keys`` prints them and the tests check that none is missing.
 The classes are plain dataclasses with defaults, so ``Config()`` is a complete,
 valid configuration (the embedded shapes dataset on a ResNet-50 FPN).
 """

@@ -84,7 +84,9 @@ def run_tags(cfg, info: DistInfo) -> dict[str, str]:
         hosts = sorted(set(gathered))
     return {
         "world_size": str(info.world_size),
-        "num_nodes": str(len(hosts)),
+        # From the launcher's layout, not the host names: containers and network
+        # namespaces can give several nodes one name.
+        "num_nodes": str(info.num_nodes),
         "strategy": cfg.distributed.strategy,
         "hosts": ",".join(hosts),
         "amp": cfg.train.amp,

@@ -59,7 +59,8 @@ def test_overrides_are_parsed_by_field_type(tmp_path):
             "train.lr=0.02",
             "model.backbone.depth=18",
             "train.lr_steps=[10,20]",
-            "train.amp=true",
+            "train.amp=bf16",
+            "tracking.enabled=false",
             "model.rpn.objectness_loss=focal",
             "tracking.run_name=123",
             "train.momentum=1",
@@ -68,7 +69,8 @@ def test_overrides_are_parsed_by_field_type(tmp_path):
     assert cfg.train.lr == 0.02
     assert cfg.model.backbone.depth == 18
     assert cfg.train.lr_steps == [10, 20]
-    assert cfg.train.amp is True
+    assert cfg.train.amp == "bf16"
+    assert cfg.tracking.enabled is False
     assert cfg.model.rpn.objectness_loss == "focal"
     assert cfg.tracking.run_name == "123"  # a string field keeps digits as text
     assert cfg.train.momentum == 1.0 and isinstance(cfg.train.momentum, float)
@@ -121,7 +123,8 @@ def test_bad_type_names_key_file_and_expected_type(tmp_path):
     ("override", "expected"),
     [
         ("train.lr=abc", "train.lr expects a number"),
-        ("train.amp=3", "train.amp expects true or false"),
+        ("tracking.enabled=3", "tracking.enabled expects true or false"),
+        ("train.amp=on", "train.amp expects one of 'off', 'bf16', 'fp16'"),
         ("train.max_steps=1.5", "train.max_steps expects an integer"),
         ("model.backbone.depth=42", "model.backbone.depth expects one of 18, 34, 50, 101"),
         ("train.lr_steps=5", "train.lr_steps expects a list"),
