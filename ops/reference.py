@@ -203,6 +203,8 @@ def _greedy_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, classes: Te
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
     boxes = boxes[order].detach()
+    if boxes.dtype not in (torch.float32, torch.float64):
+        boxes = boxes.float()  # float16/bfloat16 boxes are compared in float32, as the kernels do
     classes = classes[order] if classes is not None else None
     threshold = _threshold_as(iou_threshold, boxes.dtype).to(boxes.device)
     n = boxes.shape[0]

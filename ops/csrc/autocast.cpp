@@ -3,10 +3,10 @@
 //
 // Under autocast the convolutions give float16/bfloat16 features while RoIs and boxes stay float32.
 // Every op here then runs in float32: its reduced-precision floating tensor arguments are cast up
-// to float32 (autocast's cached_cast, which leaves float32 and float64 tensors as they are, so boxes
-// are never cast down), and its floating outputs come back in the dtype of its first floating
-// tensor argument (the features for the pooling ops, the incoming gradient for their backward
-// ops). NMS returns int64 indices, which are left alone.
+// to float32 (autocast's cached_cast, which leaves float32 and float64 tensors as they are, so
+// boxes are never cast down), and its floating outputs come back in the dtype of its first
+// floating tensor argument (the features for the pooling ops, the incoming gradient for their
+// backward ops). NMS returns int64 indices, which are left alone.
 //
 // One boxed kernel serves every operator: it rewrites the arguments on the stack, calls the op
 // below autocast, and rewrites the outputs. Autograd sees the casts, so gradients flow back to the

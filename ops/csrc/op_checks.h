@@ -108,8 +108,8 @@ inline void check_boxes(const at::Tensor& boxes, const at::Tensor& scores) {
   TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0),
               "scores must have shape [N] matching boxes, got ", scores.sizes());
   TORCH_CHECK(boxes.device() == scores.device(), "boxes and scores must share a device");
-  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), "boxes must be a floating-point tensor, got ",
-              boxes.scalar_type());
+  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()),
+              "boxes must be a floating-point tensor, got ", boxes.scalar_type());
   TORCH_CHECK(boxes.scalar_type() == scores.scalar_type(),
               "boxes and scores must share a dtype, got ", boxes.scalar_type(), " and ",
               scores.scalar_type());

@@ -24,6 +24,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <type_traits>
 #include <vector>
@@ -55,7 +56,16 @@ struct SamplingPlan {
   std::vector<int64_t> group_start;        // RoIs of group g = level * N + batch ...
   std::vector<int64_t> grouped_rois;       // ... are grouped_rois[group_start[g] .. g + 1],
                                            // in increasing order (torchvision's accumulation order)
+  int64_t num_samples = 0;                 // 2-D samples of all RoIs, per channel
 };
+
+// Threads worth waking for `work` sample evaluations (samples x channels). Waking a thread costs
+// microseconds on an idle machine and up to a scheduler time slice on a loaded one, so small
+// calls (a few RoIs, a test's maps) stay on the calling thread.
+inline int64_t threads_for(int64_t work) {
+  constexpr int64_t kMinWorkPerThread = 1 << 18;  // ~0.2 ms of pooling
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread));
+}
 
 // `roi_levels` may be null (everything on level 0).
 template <typename T, int kTaps, typename P>
@@ -85,6 +95,8 @@ SamplingPlan<T, kTaps> make_sampling_plan(const T* rois, const int64_t* roi_leve
     plan.roi_level[k] = static_cast<int>(level);
     plan.y_offset[k + 1] = plan.y_offset[k] + pooled_h * std::max(win.grid_h, 0);
     plan.x_offset[k + 1] = plan.x_offset[k] + pooled_w * std::max(win.grid_w, 0);
+    plan.num_samples += (plan.y_offset[k + 1] - plan.y_offset[k]) *
+                        (plan.x_offset[k + 1] - plan.x_offset[k]);
     group_of[k] = level * batch_size + win.batch;
   }
   plan.y_taps.resize(plan.y_offset[num_rois]);
@@ -128,13 +140,14 @@ SamplingPlan<T, kTaps> make_sampling_plan(const T* rois, const int64_t* roi_leve
 // reads, in parallel, each plane on exactly one thread. The threads take planes one at a time from
 // a shared counter rather than fixed halves of the list: on a loaded machine a thread that gets
 // less CPU time then simply does fewer planes instead of holding everyone up at the end.
-template <typename Fn>
-void for_each_plane(int64_t num_levels, int64_t batch_size, int64_t channels,
-                    const std::vector<int64_t>& group_start, Fn&& fn) {
+template <typename T, int kTaps, typename Fn>
+void for_each_plane(const SamplingPlan<T, kTaps>& plan, int64_t num_levels, int64_t batch_size,
+                    int64_t channels, Fn&& fn) {
+  const std::vector<int64_t>& group_start = plan.group_start;
   const int64_t num_groups = num_levels * batch_size;
   const int64_t num_planes = channels * num_groups;
   std::atomic<int64_t> next_plane{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, threads_for(plan.num_samples * channels), 1, [&](int64_t, int64_t) {
     for (int64_t p = next_plane++; p < num_planes; p = next_plane++) {
       // Channel-major: concurrent threads work on the same channel's levels and images.
       const int64_t channel = p / num_groups;
@@ -194,7 +207,7 @@ void pool_forward(const SamplingPlan<T, kTaps>& plan,
                   int64_t channels, int pooled_h, int pooled_w, S* out) {
   const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
   for_each_plane(
-      levels.size(), batch_size, channels, plan.group_start,
+      plan, levels.size(), batch_size, channels,
       [&](int64_t group, int64_t level, int64_t batch, int64_t channel) {
         const LevelPlanes<const S>& lv = levels[level];
         const int64_t size = lv.height * lv.width;
@@ -217,7 +230,7 @@ void pool_backward(const SamplingPlan<T, kTaps>& plan, const std::vector<LevelPl
                    const T* grad_out) {
   const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
   for_each_plane(
-      levels.size(), batch_size, channels, plan.group_start,
+      plan, levels.size(), batch_size, channels,
       [&](int64_t group, int64_t level, int64_t batch, int64_t channel) {
         const LevelPlanes<T>& lv = levels[level];
         T* plane = lv.data + (batch * channels + channel) * lv.height * lv.width;

@@ -190,7 +190,7 @@ void pool_forward_f32(const SamplingPlan<float, kTaps>& plan,
   const auto windows = column_windows(plan, levels, batch_size);
   const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
   for_each_plane(
-      levels.size(), batch_size, channels, plan.group_start,
+      plan, levels.size(), batch_size, channels,
       [&](int64_t group, int64_t level, int64_t batch, int64_t channel) {
         const LevelPlanes<const S>& lv = levels[level];
         const int64_t size = lv.height * lv.width;
@@ -265,7 +265,7 @@ void pool_backward_f32(const SamplingPlan<float, kTaps>& plan,
   const auto windows = column_windows(plan, levels, batch_size);
   const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
   for_each_plane(
-      levels.size(), batch_size, channels, plan.group_start,
+      plan, levels.size(), batch_size, channels,
       [&](int64_t group, int64_t level, int64_t batch, int64_t channel) {
         const LevelPlanes<float>& lv = levels[level];
         float* plane = lv.data + (batch * channels + channel) * lv.height * lv.width;

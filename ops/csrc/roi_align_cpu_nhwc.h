@@ -98,7 +98,7 @@ void pool_forward_nhwc(const SamplingPlan<T, kTaps>& plan,
   const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
   const int64_t num_rois = static_cast<int64_t>(plan.windows.size());
   std::atomic<int64_t> next_roi{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, threads_for(plan.num_samples * channels), 1, [&](int64_t, int64_t) {
     std::vector<T> sums(bins * channels);
     for (int64_t g = next_roi++; g < num_rois; g = next_roi++) {
       const int64_t k = plan.grouped_rois[g];
@@ -143,7 +143,7 @@ void pool_backward_nhwc(const SamplingPlan<T, kTaps>& plan,
   const int64_t num_blocks = (channels + kNhwcChannelBlock - 1) / kNhwcChannelBlock;
   const int64_t num_tasks = num_groups * num_blocks;
   std::atomic<int64_t> next_task{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, threads_for(plan.num_samples * channels), 1, [&](int64_t, int64_t) {
     std::vector<T> bin_grads(bins * std::min(channels, kNhwcChannelBlock));
     for (int64_t task = next_task++; task < num_tasks; task = next_task++) {
       const int64_t group = task / num_blocks;

@@ -113,7 +113,8 @@ struct RoiOnLevel {
 
 template <typename scalar_t, int kTaps>
 __global__ void pool_forward_kernel(int64_t total, LevelTable<const scalar_t> levels,
-                                    int num_levels, const at::opmath_type<scalar_t>* __restrict__ rois,
+                                    int num_levels,
+                                    const at::opmath_type<scalar_t>* __restrict__ rois,
                                     const int64_t* __restrict__ roi_levels, int64_t batch_size,
                                     int64_t channels, int pooled_h, int pooled_w,
                                     int sampling_ratio, bool aligned, bool channels_fastest,
@@ -236,7 +237,8 @@ at::Tensor pooled_forward(at::TensorList features, const at::Tensor& rois,
       at::kHalf, at::kBFloat16, out.scalar_type(), "roi_align_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const auto table = make_table<const scalar_t>(planes, spatial_scales);
-        auto kernel = taps == 2 ? pool_forward_kernel<scalar_t, 2> : pool_forward_kernel<scalar_t, 4>;
+        auto kernel =
+            taps == 2 ? pool_forward_kernel<scalar_t, 2> : pool_forward_kernel<scalar_t, 4>;
         kernel<<<grid_for(total), kThreads, 0, stream>>>(
             total, table, num_levels, rois_c.data_ptr<acc_t>(), levels_ptr, batch_size, channels,
             static_cast<int>(pooled_h), static_cast<int>(pooled_w),

@@ -131,14 +131,15 @@ def create_tensors_with_iou(n, iou_thresh):
 
 
 def greedy_nms(boxes, scores, iou_threshold):
+    """torchvision's test reference: keep the best box, drop those above the threshold, repeat."""
+    iou = torchvision.ops.box_iou(boxes, boxes)
     picked = []
     indexes = scores.sort(descending=True).indices
     while len(indexes) > 0:
         current = indexes[0]
         picked.append(current.item())
         indexes = indexes[1:]
-        iou = torchvision.ops.box_iou(boxes[indexes], boxes[current][None]).squeeze(1)
-        indexes = indexes[iou <= iou_threshold]
+        indexes = indexes[iou[current, indexes] <= iou_threshold]
     return torch.as_tensor(picked, dtype=torch.int64)
 
 
