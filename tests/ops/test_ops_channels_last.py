@@ -7,6 +7,7 @@ from ops_cases import per_image_boxes, random_boxes, to_rois
 from torch.testing import assert_close
 
 import ops
+from ops import reference
 from ops._registration import is_channels_last
 
 IMAGE_H, IMAGE_W = 128, 160
@@ -114,3 +115,20 @@ def test_mixed_layouts_fall_back_to_nchw(device):
     assert torch.equal(
         ops.multilevel_roi_align(mixed, rois, 3), ops.multilevel_roi_align(nchw, rois, 3)
     )
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("shape", [(1, 5), (3, 2), (40, 3)])
+def test_narrow_maps_and_wide_outputs(device, mode, shape):
+    height, width = shape
+    x = torch.randn(2, 3, height, width, device=device).to(memory_format=torch.channels_last)
+    rois = to_rois(random_boxes(10, 2 * height, 2 * width, 0.5, 2 * max(shape)), 2).to(device)
+    for output_size in ((2, 3), (2, 40)):
+        x_ = x.clone().requires_grad_()
+        out = ops.roi_align(x_, rois, output_size, 0.5, 2, True, mode)
+        out.backward(torch.ones_like(out))
+        x_ref = x.contiguous().requires_grad_()
+        expected = reference.roi_align(x_ref, rois, output_size, 0.5, 2, True, mode)
+        expected.backward(torch.ones_like(expected))
+        assert_close(out, expected)
+        assert_close(x_.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
