@@ -32,6 +32,16 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def assert_rounded_once(out, exact):
+    """`out` is the float32 result `exact` rounded once to out's dtype: bit for bit on the CPU,
+    whose float32 loops are the same code for every storage type; within a rounding on CUDA,
+    where the compiler may contract each kernel instantiation's multiply-adds differently."""
+    if out.device.type == "cpu":
+        assert torch.equal(out, exact.to(out.dtype))
+    else:
+        assert_close(out, exact.to(out.dtype))
+
+
 # --- autocast: bf16 features, float32 RoIs ------------------------------------------------------
 
 
@@ -48,7 +58,7 @@ def test_roi_align_under_autocast(device, channels_last, mode):
     assert out.dtype == torch.bfloat16 and rois.dtype == torch.float32
     # The op ran in float32 on the rounded features and rounded its output once ...
     expected = ops.roi_align(features.detach().float(), rois, 3, 0.5, 2, mode=mode)
-    assert torch.equal(out, expected.to(torch.bfloat16))
+    assert_rounded_once(out, expected)
     # ... so it is the float32 result up to bfloat16 rounding.
     assert_close(out.float(), ops.roi_align(x, rois, 3, 0.5, 2, mode=mode), **BF16_TOLERANCE)
     grad = torch.randn_like(out)
@@ -73,7 +83,7 @@ def test_multilevel_roi_align_under_autocast(device, channels_last):
     expected = ops.multilevel_roi_align(
         [f.detach().float() for f in features], rois, 4, 2, canonical_size=32, canonical_level=3
     )
-    assert torch.equal(out, expected.to(torch.bfloat16))
+    assert_rounded_once(out, expected)
     reference32 = ops.multilevel_roi_align(
         levels32, rois, 4, 2, canonical_size=32, canonical_level=3
     )
@@ -94,7 +104,7 @@ def test_pooling_backward_ops_under_autocast(device):
         grad.float(), rois, 0.5, 3, 3, 2, 5, 12, 15, 2, True, "bilinear"
     )
     assert got.dtype == torch.bfloat16
-    assert torch.equal(got, expected.to(torch.bfloat16))
+    assert_rounded_once(got, expected)
     levels = map_rois_to_levels(rois, 2, 3)
     with autocast(device):
         got = OPS.multilevel_roi_align_backward(
@@ -147,13 +157,13 @@ def test_reduced_precision_roi_align(device, dtype, mode, channels_last):
     upcast = features.detach().float().requires_grad_()
     expected = ops.roi_align(upcast, rois, (3, 4), 0.5, -1, mode=mode)
     # Computed in float32, rounded once: the float32 result on the same values, rounded.
-    assert torch.equal(out, expected.to(dtype))
+    assert_rounded_once(out, expected)
     grad = torch.randn_like(out)
     out.backward(grad)
     expected.backward(grad.float())
     # Accumulated in float32, rounded once at the end.
     assert features.grad.dtype == dtype
-    assert torch.equal(features.grad, upcast.grad.to(dtype))
+    assert_rounded_once(features.grad, upcast.grad)
 
 
 @pytest.mark.parametrize("dtype", REDUCED)
@@ -165,12 +175,12 @@ def test_reduced_precision_multilevel(device, dtype):
     expected = ops.multilevel_roi_align(
         upcast, rois.float(), 3, 2, canonical_size=32, canonical_level=3
     )
-    assert torch.equal(out, expected.to(dtype))
+    assert_rounded_once(out, expected)
     grad = torch.randn_like(out)
     out.backward(grad)
     expected.backward(grad.float())
     for ours, theirs in zip(features, upcast, strict=True):
-        assert torch.equal(ours.grad, theirs.grad.to(dtype))
+        assert_rounded_once(ours.grad, theirs.grad)
 
 
 def test_half_backward_accumulates_in_float32(device):
