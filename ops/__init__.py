@@ -6,6 +6,10 @@ the legacy "+1" on widths; a RoI row is (batch_index, x1, y1, x2, y2). RoIAlign 
 ``spatial_scale`` lines up with the pixel centres of the feature map. ``aligned=False`` is
 torchvision's legacy behaviour (and its default).
 
+Mixed precision: the pooling ops take float16/bfloat16 features (computed and accumulated in
+float32) with RoIs of any floating dtype, and under autocast (CPU or CUDA) every op runs in float32
+and gives its output back in the features' dtype. Channels-last features are pooled in place.
+
 The kernels live in ``ops/csrc`` and register the ``torch.ops.maskrcnn_ops`` operators (CPU and,
 when built, CUDA). When they cannot be loaded, the functions below fall back to the pure-PyTorch
 ``ops.reference`` implementations with a single warning.

@@ -2,7 +2,12 @@
 
 Registered from Python with ``torch.library`` so that the ops work under ``torch.compile`` and
 autograd. The backward ops are differentiable too (each is linear in its incoming gradient, so
-its own gradient is the forward pooling), which makes double backward work.
+its own gradient is the forward pooling), which makes double backward work. The autocast rules
+are C++ (ops/csrc/autocast.cpp).
+
+The pooled outputs are contiguous [K, C, PH, PW]; the input gradients are channels-last when the
+features were (``channels_last`` argument of the backward ops), so a channels-last model gets its
+gradients in its own layout.
 """
 
 import torch
@@ -12,6 +17,21 @@ _ops = torch.ops.maskrcnn_ops
 
 
 # --- fake kernels -------------------------------------------------------------------------------
+
+
+def _empty_grad(grad, shape, channels_last):
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=memory_format)
+
+
+def is_channels_last(tensor) -> bool:
+    """Whether the kernels read ``tensor`` as channels-last: NHWC-dense and not also contiguous
+    (which one channel or a 1x1 map would be). ops/csrc/op_checks.h has the same rule."""
+    return (
+        tensor.dim() == 4
+        and tensor.is_contiguous(memory_format=torch.channels_last)
+        and not tensor.is_contiguous()
+    )
 
 
 @register_fake("maskrcnn_ops::roi_align")
@@ -37,8 +57,9 @@ def _roi_align_backward_fake(
     sampling_ratio,
     aligned,
     mode,
+    channels_last=False,
 ):
-    return grad.new_empty((batch_size, channels, height, width))
+    return _empty_grad(grad, (batch_size, channels, height, width), channels_last)
 
 
 @register_fake("maskrcnn_ops::multilevel_roi_align")
@@ -73,9 +94,11 @@ def _multilevel_backward_fake(
     sampling_ratio,
     aligned,
     mode,
+    channels_last=False,
 ):
     return [
-        grad.new_empty((batch_size, channels, h, w)) for h, w in zip(heights, widths, strict=True)
+        _empty_grad(grad, (batch_size, channels, h, w), channels_last)
+        for h, w in zip(heights, widths, strict=True)
     ]
 
 
@@ -97,6 +120,7 @@ def _roi_align_setup(ctx, inputs, output):
     ctx.save_for_backward(rois)
     ctx.params = params  # spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned, mode
     ctx.input_shape = input.shape
+    ctx.channels_last = is_channels_last(input)
 
 
 def _roi_align_grad(ctx, grad):
@@ -116,12 +140,13 @@ def _roi_align_grad(ctx, grad):
         sampling_ratio,
         aligned,
         mode,
+        ctx.channels_last,
     )
     return grad_input, None, None, None, None, None, None, None
 
 
 def _roi_align_backward_setup(ctx, inputs, output):
-    _, rois, scale, pooled_h, pooled_w, _, _, _, _, sampling_ratio, aligned, mode = inputs
+    _, rois, scale, pooled_h, pooled_w, _, _, _, _, sampling_ratio, aligned, mode, _ = inputs
     ctx.save_for_backward(rois)
     ctx.params = (scale, pooled_h, pooled_w, sampling_ratio, aligned, mode)
 
@@ -129,7 +154,7 @@ def _roi_align_backward_setup(ctx, inputs, output):
 def _roi_align_backward_grad(ctx, grad_grad_input):
     (rois,) = ctx.saved_tensors
     grad_grad = _ops.roi_align(grad_grad_input, rois, *ctx.params)
-    return (grad_grad,) + (None,) * 11
+    return (grad_grad,) + (None,) * 12
 
 
 register_autograd("maskrcnn_ops::roi_align", _roi_align_grad, setup_context=_roi_align_setup)
@@ -146,6 +171,7 @@ def _multilevel_setup(ctx, inputs, output):
     ctx.params = params  # spatial_scales, pooled_h, pooled_w, sampling_ratio, aligned, mode
     ctx.level_sizes = [(f.shape[2], f.shape[3]) for f in features]
     ctx.batch_channels = (features[0].shape[0], features[0].shape[1])
+    ctx.channels_last = all(is_channels_last(f) for f in features)
 
 
 def _multilevel_grad(ctx, grad):
@@ -168,12 +194,15 @@ def _multilevel_grad(ctx, grad):
         sampling_ratio,
         aligned,
         mode,
+        ctx.channels_last,
     )
     return list(grads), None, None, None, None, None, None, None, None
 
 
 def _multilevel_backward_setup(ctx, inputs, output):
-    _, rois, levels, scales, _, _, _, _, pooled_h, pooled_w, sampling_ratio, aligned, mode = inputs
+    _, rois, levels, scales, _, _, _, _, pooled_h, pooled_w, sampling_ratio, aligned, mode, _ = (
+        inputs
+    )
     ctx.save_for_backward(rois, levels)
     ctx.params = (scales, pooled_h, pooled_w, sampling_ratio, aligned, mode)
 
@@ -181,7 +210,7 @@ def _multilevel_backward_setup(ctx, inputs, output):
 def _multilevel_backward_grad(ctx, grad_grads):
     rois, levels = ctx.saved_tensors
     grad_grad = _ops.multilevel_roi_align(list(grad_grads), rois, levels, *ctx.params)
-    return (grad_grad,) + (None,) * 12
+    return (grad_grad,) + (None,) * 13
 
 
 register_autograd(

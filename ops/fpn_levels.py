@@ -2,8 +2,10 @@
 
 A RoI of size ``sqrt(area)`` goes to level ``floor(canonical_level + log2(sqrt(area) /
 canonical_size) + 1e-6)``, clamped to the levels present: a 224x224 box to P4, each halving of the
-size one level down. Levels are numbered by stride exponent (P2 has stride 4 = 2**2, spatial scale
-1/4), so the pyramid's first and last spatial scales give the clamp range.
+size one level down. A box whose size is not a number (a NaN coordinate, or x2 < x1 xor y2 < y1,
+which makes the area negative) goes to the first level, where torchvision's mapping is undefined;
+the pooler gives it zeros anyway. Levels are numbered by stride exponent (P2 has stride 4 = 2**2,
+spatial scale 1/4), so the pyramid's first and last spatial scales give the clamp range.
 """
 
 import math
@@ -45,11 +47,12 @@ def map_rois_to_levels(
     """Level index (0 = k_min) of each RoI of ``rois`` [K, 5], as int64 [K].
 
     Operation for operation torchvision's LevelMapper (``box_area``, ``sqrt``, ``log2``, the eps
-    tensor in the boxes' dtype), so both assign every RoI to the same level.
+    tensor in the boxes' dtype), so both assign every RoI to the same level; NaN sizes, which it
+    leaves undefined, go to level 0.
     """
     area = (rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2])
     size = torch.sqrt(area)
     eps = torch.tensor(LEVEL_EPS, dtype=size.dtype)
     levels = torch.floor(canonical_level + torch.log2(size / canonical_size) + eps)
-    levels = torch.clamp(levels, min=k_min, max=k_max)
+    levels = torch.clamp(levels, min=k_min, max=k_max).nan_to_num(nan=k_min)
     return levels.to(torch.int64) - k_min

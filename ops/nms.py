@@ -13,7 +13,8 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """Greedy NMS: drop every box whose IoU with a higher-scoring kept box exceeds the threshold.
 
     Args:
-        boxes: [N, 4] (x1, y1, x2, y2); scores: [N], same dtype (float32/float64).
+        boxes: [N, 4] (x1, y1, x2, y2); scores: [N], same dtype (float32/float64, or
+            float16/bfloat16, compared in float32; under autocast both run in float32).
 
     Returns:
         int64 indices of the kept boxes by decreasing score; equal scores keep increasing index
@@ -31,8 +32,11 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     grouped by class and the classes run in parallel; on CUDA the suppression mask skips pairs of
     different classes. That is the coordinate-offset trick's effect without the offset, which loses
     float precision on large coordinates. Returns what ``torchvision.ops.batched_nms`` does, equal
-    scores in the same order too.
+    scores in the same order too. Empty ``boxes`` give an empty int64 tensor whatever the other
+    arguments (None too), as torchvision's does.
     """
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     if use_reference(boxes):
         keep = reference.batched_nms(boxes, scores, idxs, iou_threshold)
     else:

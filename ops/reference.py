@@ -14,6 +14,7 @@ from .fpn_levels import default_spatial_scales, level_range, map_rois_to_levels
 __all__ = ["batched_nms", "multilevel_roi_align", "nms", "roi_align"]
 
 _NMS_BLOCK = 64
+_MAX_ADAPTIVE_GRID = 1 << 14  # ops_math.h's kMaxAdaptiveGrid
 
 
 def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -74,12 +75,21 @@ def roi_align(
     dtype, device = input.dtype, input.device
     if num_rois == 0:
         return input.new_zeros((0, channels, pooled_h, pooled_w))
+    if dtype not in (torch.float32, torch.float64):
+        # float16/bfloat16 features: computed in float32 and rounded once, as the kernels do.
+        pooled = roi_align(
+            input.float(), rois, output_size, spatial_scale, sampling_ratio, aligned, mode
+        )
+        return pooled.to(dtype)
+    rois = rois.to(dtype)
 
     offset = 0.5 if aligned else 0.0
     start_w = rois[:, 1] * spatial_scale - offset
     start_h = rois[:, 2] * spatial_scale - offset
     roi_w = (rois[:, 3] * spatial_scale - offset) - start_w
     roi_h = (rois[:, 4] * spatial_scale - offset) - start_h
+    # NaN/infinite or inverted RoIs get no samples: zeros, no gradient.
+    valid_roi = (roi_w >= 0) & (roi_h >= 0) & torch.isfinite(roi_w) & torch.isfinite(roi_h)
     if not aligned:
         roi_w = roi_w.clamp(min=1.0)
         roi_h = roi_h.clamp(min=1.0)
@@ -89,8 +99,12 @@ def roi_align(
         grid_h = torch.full_like(roi_h, sampling_ratio, dtype=torch.int64)
         grid_w = torch.full_like(roi_w, sampling_ratio, dtype=torch.int64)
     else:
-        grid_h = torch.ceil(roi_h / pooled_h).to(torch.int64)
-        grid_w = torch.ceil(roi_w / pooled_w).to(torch.int64)
+        grid_h = torch.ceil(roi_h / pooled_h).clamp(max=_MAX_ADAPTIVE_GRID)
+        grid_w = torch.ceil(roi_w / pooled_w).clamp(max=_MAX_ADAPTIVE_GRID)
+        grid_h = torch.where(valid_roi, grid_h, 0).to(torch.int64)
+        grid_w = torch.where(valid_roi, grid_w, 0).to(torch.int64)
+    grid_h = torch.where(valid_roi, grid_h, 0)
+    grid_w = torch.where(valid_roi, grid_w, 0)
     count = (grid_h * grid_w).clamp(min=1).to(dtype)
 
     def sample_taps(start, bin_size, grid, pooled, size):
@@ -189,6 +203,8 @@ def _greedy_nms(boxes: Tensor, scores: Tensor, iou_threshold: float, classes: Te
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     order = torch.sort(scores, descending=True, stable=True).indices
     boxes = boxes[order].detach()
+    if boxes.dtype not in (torch.float32, torch.float64):
+        boxes = boxes.float()  # float16/bfloat16 boxes are compared in float32, as the kernels do
     classes = classes[order] if classes is not None else None
     threshold = _threshold_as(iou_threshold, boxes.dtype).to(boxes.device)
     n = boxes.shape[0]

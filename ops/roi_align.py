@@ -1,6 +1,16 @@
 """RoIAlign over one feature map, and the fused multi-level (FPN) pooler.
 
 See the package docstring (``ops``) for the box convention.
+
+dtypes: features float32, float64, float16 or bfloat16 (the last two computed in float32, rounded
+once per output, their gradients accumulated in float32 and rounded once); RoIs of any floating
+dtype, read in the compute type. Under autocast (CPU or CUDA) the ops run in float32 and return the
+features' dtype. Features may have any strides: channels-last ones are read in place (the layout a
+channels_last model produces), others as NCHW; the output is contiguous NCHW either way, and the
+input gradients have the features' layout.
+
+A RoI with a NaN or infinite coordinate, or with x2 < x1 or y2 < y1, pools to zeros and gets no
+gradient (torchvision's output for such boxes is an artefact of its arithmetic).
 """
 
 import torch
@@ -27,9 +37,23 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f'mode must be "bilinear" or "bicubic", got {mode!r}')
 
 
+def _as_rois(rois: Tensor | list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """[K, 5] RoIs, also from torchvision's other form: one [L_i, 4] box tensor per image."""
+    if isinstance(rois, Tensor):
+        return rois
+    boxes = list(rois)
+    if not boxes:
+        raise ValueError("rois must be a [K, 5] tensor or a non-empty list of [L, 4] tensors")
+    for i, b in enumerate(boxes):
+        if b.dim() != 2 or b.shape[1] != 4:
+            raise ValueError(f"rois as a list holds [L, 4] boxes, got {tuple(b.shape)} at {i}")
+    indices = [torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)]
+    return torch.cat([torch.cat(indices), torch.cat(boxes)], dim=1)
+
+
 def roi_align(
     input: Tensor,
-    rois: Tensor,
+    rois: Tensor | list[Tensor],
     output_size: int | tuple[int, int],
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
@@ -39,8 +63,9 @@ def roi_align(
     """Average of interpolated samples over each bin of each RoI (Mask R-CNN's RoIAlign).
 
     Args:
-        input: features [N, C, H, W] (any strides; float32/float64, and half/bfloat16 on CUDA).
-        rois: [K, 5] rows of (batch_index, x1, y1, x2, y2) in image pixels, the dtype of input.
+        input: features [N, C, H, W] (any strides; float32/float64/float16/bfloat16).
+        rois: [K, 5] rows of (batch_index, x1, y1, x2, y2) in image pixels, any floating dtype;
+            or, as torchvision also takes them, a list of per-image [L_i, 4] boxes.
         output_size: bins per RoI, ``int`` or ``(height, width)``.
         spatial_scale: feature-map size / image size, e.g. 1/4 for a stride-4 map.
         sampling_ratio: samples per bin along each axis; <= 0 means adaptive,
@@ -54,6 +79,7 @@ def roi_align(
     """
     _check_mode(mode)
     pooled_h, pooled_w = _pair(output_size)
+    rois = _as_rois(rois)
     if use_reference(input):
         return reference.roi_align(
             input, rois, (pooled_h, pooled_w), spatial_scale, sampling_ratio, aligned, mode
@@ -72,7 +98,7 @@ def roi_align(
 
 def multilevel_roi_align(
     features: list[Tensor],
-    rois: Tensor,
+    rois: Tensor | list[Tensor],
     output_size: int | tuple[int, int],
     sampling_ratio: int = 2,
     aligned: bool = True,
@@ -91,7 +117,7 @@ def multilevel_roi_align(
     Args:
         features: the pyramid levels [N, C, H_l, W_l], finest first (P2, P3, ...), one dtype and
             device, same N and C.
-        rois: [K, 5] (batch_index, x1, y1, x2, y2) in image pixels.
+        rois: [K, 5] (batch_index, x1, y1, x2, y2) in image pixels, or per-image [L_i, 4] boxes.
         spatial_scales: per-level scales; they must be consecutive powers of two. Default
             ``[1/4, 1/8, ...]`` for ``len(features)`` levels starting at P2 (stride 4). The scales
             are not inferred from the feature shapes, which are rounded by the backbone.
@@ -102,6 +128,7 @@ def multilevel_roi_align(
     """
     _check_mode(mode)
     pooled_h, pooled_w = _pair(output_size)
+    rois = _as_rois(rois)
     features = list(features)
     if spatial_scales is None:
         spatial_scales = default_spatial_scales(len(features))

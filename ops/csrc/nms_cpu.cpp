@@ -6,6 +6,8 @@
 // 64 at a time: the block's survivors are settled among themselves first, then suppress all later
 // boxes in one sweep that is split over threads by columns.
 //
+// float16 and bfloat16 boxes are compared in float32 (each coordinate converted exactly once).
+//
 // batched_nms groups the score-ordered boxes by class (stable, so each class stays in score
 // order) and runs the greedy pass per class, classes in parallel. Boxes of different classes never
 // interact, which is what torchvision's coordinate-offset trick achieves; working per class does it
@@ -122,6 +124,11 @@ void suppress_segment(const BoxColumns<T>& b, int64_t begin, int64_t end, T thre
   }
 }
 
+// The boxes in the dtype their IoUs are computed in: float64 stays, the rest is float32.
+at::Tensor boxes_for_iou(const at::Tensor& boxes) {
+  return boxes.to(boxes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
 at::Tensor score_order(const at::Tensor& scores) {
   // Stable: equal scores keep increasing index order, as torchvision's CPU nms does.
   return std::get<1>(scores.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
@@ -144,9 +151,9 @@ at::Tensor nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, double iou
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
   const at::Tensor order = score_order(scores);
-  const at::Tensor boxes_c = boxes.contiguous();
+  const at::Tensor boxes_c = boxes_for_iou(boxes);
   at::Tensor keep;
-  AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "nms_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(boxes_c.scalar_type(), "nms_cpu", [&] {
     const BoxColumns<scalar_t> columns(boxes_c.const_data_ptr<scalar_t>(),
                                        order.const_data_ptr<int64_t>(), n);
     std::vector<uint8_t> removed(n, 0), kept(n, 0);
@@ -189,9 +196,9 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores,
   segment_start.push_back(n);
   const int64_t num_segments = static_cast<int64_t>(segment_start.size()) - 1;
 
-  const at::Tensor boxes_c = boxes.contiguous();
+  const at::Tensor boxes_c = boxes_for_iou(boxes);
   at::Tensor keep;
-  AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "batched_nms_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(boxes_c.scalar_type(), "batched_nms_cpu", [&] {
     const BoxColumns<scalar_t> columns(boxes_c.const_data_ptr<scalar_t>(), by_class.data(), n);
     const scalar_t threshold = threshold_as<scalar_t>(iou_threshold);
     std::vector<uint8_t> removed(n, 0), kept_grouped(n, 0);
@@ -234,7 +241,7 @@ at::Tensor nms_bitmask_cpu(const at::Tensor& boxes, const at::Tensor& scores,
   const int64_t n = boxes.size(0);
   if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
   const at::Tensor order = score_order(scores);
-  const at::Tensor sorted_boxes = boxes.index_select(0, order).contiguous();
+  const at::Tensor sorted_boxes = boxes_for_iou(boxes.index_select(0, order));
   const at::Tensor classes_t =
       idxs.has_value() ? idxs->to(at::kLong).index_select(0, order) : at::Tensor();
   const int64_t* classes = classes_t.defined() ? classes_t.const_data_ptr<int64_t>() : nullptr;
@@ -242,7 +249,7 @@ at::Tensor nms_bitmask_cpu(const at::Tensor& boxes, const at::Tensor& scores,
   std::vector<uint64_t> mask(static_cast<size_t>(n) * col_blocks, 0);
   at::Tensor keep = at::empty({n}, boxes.options().dtype(at::kLong));
   int64_t num_kept = 0;
-  AT_DISPATCH_FLOATING_TYPES(boxes.scalar_type(), "nms_bitmask_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(sorted_boxes.scalar_type(), "nms_bitmask_cpu", [&] {
     const scalar_t* sorted = sorted_boxes.const_data_ptr<scalar_t>();
     const scalar_t threshold = threshold_as<scalar_t>(iou_threshold);
     at::parallel_for(0, col_blocks, 1, [&](int64_t first, int64_t last) {

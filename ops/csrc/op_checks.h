@@ -19,13 +19,58 @@ inline int taps_for_mode(std::string_view mode) {
   TORCH_CHECK(false, "mode must be \"bilinear\" or \"bicubic\", got \"", mode, "\"");
 }
 
+// RoIs may have any floating dtype, the features' or not (float32 RoIs with bfloat16 features is
+// what autocast produces): the kernels read them in their compute type, float32 (or float64 for
+// float64 features), so reduced-precision boxes are widened and boxes never lose precision to the
+// features' storage type.
 inline void check_rois(const at::Tensor& rois, const at::Tensor& reference, const char* what) {
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5,
               "rois must have shape [K, 5] (batch_index, x1, y1, x2, y2), got ", rois.sizes());
   TORCH_CHECK(rois.device() == reference.device(), "rois must be on the same device as ", what,
               " (", reference.device(), "), got ", rois.device());
-  TORCH_CHECK(rois.scalar_type() == reference.scalar_type(), "rois must have the dtype of ", what,
-              " (", reference.scalar_type(), "), got ", rois.scalar_type());
+  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), "rois must be a floating-point tensor, got ",
+              rois.scalar_type());
+  TORCH_CHECK(at::isFloatingType(reference.scalar_type()), what,
+              " must be a floating-point tensor, got ", reference.scalar_type());
+}
+
+// The dtype the kernels compute in for features of `dtype`: float32 for float16, bfloat16 and
+// float32 (so reduced precision is only the storage), float64 for float64.
+inline at::ScalarType compute_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Whether a 4-D tensor is laid out channels-last (NHWC) and not also plain contiguous (which a
+// tensor with one channel or a 1x1 map is): the layout the NHWC kernels read in place.
+inline bool is_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast) && !t.is_contiguous();
+}
+
+inline bool all_channels_last(at::TensorList features) {
+  for (const at::Tensor& f : features) {
+    if (!is_channels_last(f)) return false;
+  }
+  return true;
+}
+
+// Raises, naming the first offender, when a RoI's batch index is outside [0, batch_size) (or NaN)
+// or its level outside [0, num_levels). The CPU kernels check as they plan; the CUDA wrappers call
+// this before launching (one device-to-host read of a flag, two more only to word the error).
+inline void check_roi_indices(const at::Tensor& rois, const at::Tensor* levels, int64_t batch_size,
+                              int64_t num_levels) {
+  if (rois.size(0) == 0) return;
+  const at::Tensor batch = rois.select(1, 0);
+  const at::Tensor bad_batch = at::logical_not(at::logical_and(batch >= 0, batch < batch_size));
+  at::Tensor bad = bad_batch;
+  if (levels != nullptr) {
+    bad = at::logical_or(bad, at::logical_or(*levels < 0, *levels >= num_levels));
+  }
+  if (!bad.any().item<bool>()) return;
+  const int64_t k = bad.nonzero().select(1, 0)[0].item<int64_t>();
+  TORCH_CHECK(!bad_batch[k].item<bool>(), "RoI ", k, " has batch index ",
+              batch[k].item<double>(), " outside [0, ", batch_size, ")");
+  TORCH_CHECK(false, "RoI ", k, " maps to level ", (*levels)[k].item<int64_t>(), " but there are ",
+              num_levels, " levels");
 }
 
 inline void check_pool_params(int64_t pooled_height, int64_t pooled_width) {
@@ -63,6 +108,8 @@ inline void check_boxes(const at::Tensor& boxes, const at::Tensor& scores) {
   TORCH_CHECK(scores.dim() == 1 && scores.size(0) == boxes.size(0),
               "scores must have shape [N] matching boxes, got ", scores.sizes());
   TORCH_CHECK(boxes.device() == scores.device(), "boxes and scores must share a device");
+  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()),
+              "boxes must be a floating-point tensor, got ", boxes.scalar_type());
   TORCH_CHECK(boxes.scalar_type() == scores.scalar_type(),
               "boxes and scores must share a dtype, got ", boxes.scalar_type(), " and ",
               scores.scalar_type());

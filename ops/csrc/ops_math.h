@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__)
 #define OPS_HOST_DEVICE __host__ __device__
@@ -72,11 +73,33 @@ struct RoiWindow {
   int batch;
   T start_h, start_w;
   T bin_h, bin_w;
-  int grid_h, grid_w;  // samples per bin along each axis; may be <= 0 for empty RoIs
+  int grid_h, grid_w;  // samples per bin along each axis; <= 0 for RoIs without samples
   CountDivisor<T> divide_by_count;
 };
 
+// Bound on the adaptive grid (samples per bin along an axis): a RoI 16,384 bins wide on the map,
+// far beyond any image. It keeps the float-to-int conversion and grid_h * grid_w defined, which
+// torchvision's kernels leave undefined for absurd boxes.
+constexpr int kMaxAdaptiveGrid = 1 << 14;
+
+// Whether a RoI extent is a finite, non-negative number (false for NaN and infinities).
+template <typename T>
+OPS_INLINE bool is_valid_extent(T extent) {
+  return extent >= static_cast<T>(0) && extent <= std::numeric_limits<T>::max();
+}
+
+template <typename T>
+OPS_INLINE int adaptive_grid(T roi_size, int pooled) {
+  const T grid = static_cast<T>(ceil(roi_size / static_cast<T>(pooled)));
+  return static_cast<int>(min_of(grid, static_cast<T>(kMaxAdaptiveGrid)));
+}
+
 // `roi` points at (batch_index, x1, y1, x2, y2) already converted to the compute type T.
+//
+// A RoI with a NaN or infinite coordinate, or with x2 < x1 or y2 < y1 (inverted), gets no samples:
+// it pools to zeros and receives no gradient, in every mode. torchvision's output for such boxes is
+// an accident of its arithmetic (legacy mode stretches an inverted box to one pixel from x1, a NaN
+// coordinate reads out of bounds); zero is the defined answer here.
 template <typename T>
 OPS_INLINE RoiWindow<T> roi_window(const T* roi, T spatial_scale, int pooled_h, int pooled_w,
                                    int sampling_ratio, bool aligned) {
@@ -90,6 +113,7 @@ OPS_INLINE RoiWindow<T> roi_window(const T* roi, T spatial_scale, int pooled_h, 
   const T end_h = roi[4] * spatial_scale - offset;
   T roi_w = end_w - win.start_w;
   T roi_h = end_h - win.start_h;
+  const bool valid = is_valid_extent(roi_w) && is_valid_extent(roi_h);
   if (!aligned) {
     // Legacy behaviour: malformed RoIs are forced to be at least 1x1.
     roi_w = max_of(roi_w, static_cast<T>(1.));
@@ -97,8 +121,12 @@ OPS_INLINE RoiWindow<T> roi_window(const T* roi, T spatial_scale, int pooled_h, 
   }
   win.bin_h = roi_h / static_cast<T>(pooled_h);
   win.bin_w = roi_w / static_cast<T>(pooled_w);
-  win.grid_h = sampling_ratio > 0 ? sampling_ratio : static_cast<int>(ceil(roi_h / pooled_h));
-  win.grid_w = sampling_ratio > 0 ? sampling_ratio : static_cast<int>(ceil(roi_w / pooled_w));
+  if (!valid) {
+    win.grid_h = win.grid_w = 0;
+  } else {
+    win.grid_h = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(roi_h, pooled_h);
+    win.grid_w = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(roi_w, pooled_w);
+  }
   const int count = max_of(win.grid_h * win.grid_w, 1);
   win.divide_by_count.count = static_cast<T>(count);
   win.divide_by_count.inverse = static_cast<T>(1) / static_cast<T>(count);
@@ -209,40 +237,59 @@ OPS_INLINE void axis_taps(T coord, int size, AxisTaps<T, 4>& taps) {
 // (e.g. half), T the compute type.
 template <typename T, int kTaps, typename S>
 OPS_INLINE T interpolate_rows(const S* const* rows, const T* row_weights,
-                              const AxisTaps<T, kTaps>& tx) {
+                              const AxisTaps<T, kTaps>& tx, int64_t col_stride = 1) {
   T value = 0;
   for (int i = 0; i < kTaps; ++i) {
     for (int j = 0; j < kTaps; ++j) {
-      value += (row_weights[i] * tx.weight[j]) * static_cast<T>(rows[i][tx.index[j]]);
+      value += (row_weights[i] * tx.weight[j]) * static_cast<T>(rows[i][tx.index[j] * col_stride]);
     }
   }
   return value;
 }
 
+// interpolate_rows on a plane whose rows are `row_stride` and columns `col_stride` elements apart:
+// (W, 1) for an NCHW plane, (W * C, C) for one channel of an NHWC map.
+template <typename T, int kTaps, typename S>
+OPS_INLINE T interpolate(const S* plane, int64_t row_stride, int64_t col_stride,
+                         const AxisTaps<T, kTaps>& ty, const AxisTaps<T, kTaps>& tx) {
+  const S* rows[kTaps];
+  for (int i = 0; i < kTaps; ++i) rows[i] = plane + ty.index[i] * row_stride;
+  return interpolate_rows(rows, ty.weight, tx, col_stride);
+}
+
 template <typename T, int kTaps, typename S>
 OPS_INLINE T interpolate(const S* plane, int64_t width, const AxisTaps<T, kTaps>& ty,
                          const AxisTaps<T, kTaps>& tx) {
-  const S* rows[kTaps];
-  for (int i = 0; i < kTaps; ++i) rows[i] = plane + ty.index[i] * width;
-  return interpolate_rows(rows, ty.weight, tx);
+  return interpolate(plane, width, 1, ty, tx);
 }
 
 // The gradient of interpolate() divided by the bin's count: each tap receives
 // grad * (wy * wx) / count, as in torchvision. `add(offset, value)` accumulates into the gradient
-// plane (a plain += on the CPU, an atomic add on the GPU).
+// plane (a plain += on the CPU, an atomic add on the GPU); offsets use the plane's strides as in
+// interpolate().
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable  // `add` is a device lambda in the CUDA kernels, a host one on the CPU
+#endif
+template <typename T, int kTaps, typename Add>
+OPS_INLINE void scatter_gradient(int64_t row_stride, int64_t col_stride,
+                                 const AxisTaps<T, kTaps>& ty, const AxisTaps<T, kTaps>& tx,
+                                 T grad, const CountDivisor<T>& divide_by_count, Add&& add) {
+  for (int i = 0; i < kTaps; ++i) {
+    const int64_t row = ty.index[i] * row_stride;
+    for (int j = 0; j < kTaps; ++j) {
+      add(row + tx.index[j] * col_stride, divide_by_count(grad * (ty.weight[i] * tx.weight[j])));
+    }
+  }
+}
+
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
 #endif
 template <typename T, int kTaps, typename Add>
 OPS_INLINE void scatter_gradient(int64_t width, const AxisTaps<T, kTaps>& ty,
                                  const AxisTaps<T, kTaps>& tx, T grad,
                                  const CountDivisor<T>& divide_by_count, Add&& add) {
-  for (int i = 0; i < kTaps; ++i) {
-    const int64_t row = ty.index[i] * width;
-    for (int j = 0; j < kTaps; ++j) {
-      add(row + tx.index[j], divide_by_count(grad * (ty.weight[i] * tx.weight[j])));
-    }
-  }
+  scatter_gradient(width, 1, ty, tx, grad, divide_by_count, add);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,17 +1,19 @@
 // The operator schemas of the maskrcnn_ops library, declared once. The kernels register themselves
-// per backend (CPU in *_cpu.cpp, CUDA in *.cu); autograd formulas and fake (meta) kernels are
-// registered from Python (ops/_registration.py).
+// per backend (CPU in *_cpu.cpp, CUDA in *.cu, autocast rules in autocast.cpp); autograd formulas
+// and fake (meta) kernels are registered from Python (ops/_registration.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY(maskrcnn_ops, m) {
-  // RoIAlign over one feature map. `mode` is "bilinear" or "bicubic".
+  // RoIAlign over one feature map. `mode` is "bilinear" or "bicubic". The output is [K, C, PH, PW]
+  // contiguous whatever the input's layout. The backward ops return the input gradients
+  // channels-last when `channels_last` (the layout of the features, read in place).
   m.def(
       "roi_align(Tensor input, Tensor rois, float spatial_scale, int pooled_height, "
       "int pooled_width, int sampling_ratio, bool aligned, str mode) -> Tensor");
   m.def(
       "roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, "
       "int pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, "
-      "int sampling_ratio, bool aligned, str mode) -> Tensor");
+      "int sampling_ratio, bool aligned, str mode, bool channels_last=False) -> Tensor");
 
   // The fused FPN pooler: RoI k is pooled from features[levels[k]] at spatial_scales[levels[k]],
   // all RoIs in one pass.
@@ -22,7 +24,7 @@ TORCH_LIBRARY(maskrcnn_ops, m) {
       "multilevel_roi_align_backward(Tensor grad, Tensor rois, Tensor levels, "
       "float[] spatial_scales, SymInt[] heights, SymInt[] widths, SymInt batch_size, "
       "SymInt channels, int pooled_height, int pooled_width, int sampling_ratio, bool aligned, "
-      "str mode) -> Tensor[]");
+      "str mode, bool channels_last=False) -> Tensor[]");
 
   // Kept box indices (int64) in decreasing score order, ties by increasing index.
   m.def("nms(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor");

@@ -13,13 +13,20 @@
 //    of torchvision's sequential kernel).
 //  * One parallel region per call, threads taking planes from a shared counter (see
 //    for_each_plane); the small per-RoI set-up stays serial.
-// This file is the generic engine (any dtype, any map size); float32 features take the vectorised
-// loops of roi_align_cpu_f32.h where they apply.
+//  * Computation is in T, float32 (or float64 for float64 features). float16 and bfloat16 are
+//    storage only: a plane is converted to float32 once, in the task that owns it, and pooled by
+//    the float32 loops; the backward pass accumulates in float32 (the caller casts once at the
+//    end).
+// This file is the generic engine (any dtype, any map size); float32 computation takes the
+// vectorised loops of roi_align_cpu_f32.h where they apply, and channels-last features the loops
+// of roi_align_cpu_nhwc.h.
 #pragma once
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <vector>
 
 #include "op_checks.h"
@@ -28,7 +35,8 @@
 namespace maskrcnn_ops {
 namespace cpu {
 
-// One feature level (or its gradient) as the engine sees it: contiguous [N, C, H, W] data.
+// One feature level (or its gradient) as the engine sees it: contiguous [N, C, H, W] data, or
+// [N, H, W, C] for the channels-last kernels.
 template <typename P>
 struct LevelPlanes {
   P* data;
@@ -40,6 +48,7 @@ struct LevelPlanes {
 template <typename T, int kTaps>
 struct SamplingPlan {
   std::vector<RoiWindow<T>> windows;
+  std::vector<int> roi_level;  // RoI k's level
   std::vector<int64_t> y_offset;  // RoI k's sample-row taps: y_taps[y_offset[k] ..]
   std::vector<int64_t> x_offset;
   std::vector<AxisTaps<T, kTaps>> y_taps;  // PH * grid_h per RoI, bin-major
@@ -47,7 +56,16 @@ struct SamplingPlan {
   std::vector<int64_t> group_start;        // RoIs of group g = level * N + batch ...
   std::vector<int64_t> grouped_rois;       // ... are grouped_rois[group_start[g] .. g + 1],
                                            // in increasing order (torchvision's accumulation order)
+  int64_t num_samples = 0;                 // 2-D samples of all RoIs, per channel
 };
+
+// Threads worth waking for `work` sample evaluations (samples x channels). Waking a thread costs
+// microseconds on an idle machine and up to a scheduler time slice on a loaded one, so small
+// calls (a few RoIs, a test's maps) stay on the calling thread.
+inline int64_t threads_for(int64_t work) {
+  constexpr int64_t kMinWorkPerThread = 1 << 18;  // ~0.2 ms of pooling
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), work / kMinWorkPerThread));
+}
 
 // `roi_levels` may be null (everything on level 0).
 template <typename T, int kTaps, typename P>
@@ -59,6 +77,7 @@ SamplingPlan<T, kTaps> make_sampling_plan(const T* rois, const int64_t* roi_leve
   SamplingPlan<T, kTaps> plan;
   const int64_t num_levels = static_cast<int64_t>(levels.size());
   plan.windows.resize(num_rois);
+  plan.roi_level.resize(num_rois);
   plan.y_offset.resize(num_rois + 1, 0);
   plan.x_offset.resize(num_rois + 1, 0);
   std::vector<int64_t> group_of(num_rois);
@@ -73,8 +92,11 @@ SamplingPlan<T, kTaps> make_sampling_plan(const T* rois, const int64_t* roi_leve
     const RoiWindow<T> win = roi_window<T>(roi, static_cast<T>(levels[level].spatial_scale),
                                            pooled_h, pooled_w, sampling_ratio, aligned);
     plan.windows[k] = win;
+    plan.roi_level[k] = static_cast<int>(level);
     plan.y_offset[k + 1] = plan.y_offset[k] + pooled_h * std::max(win.grid_h, 0);
     plan.x_offset[k + 1] = plan.x_offset[k] + pooled_w * std::max(win.grid_w, 0);
+    plan.num_samples += (plan.y_offset[k + 1] - plan.y_offset[k]) *
+                        (plan.x_offset[k + 1] - plan.x_offset[k]);
     group_of[k] = level * batch_size + win.batch;
   }
   plan.y_taps.resize(plan.y_offset[num_rois]);
@@ -118,13 +140,14 @@ SamplingPlan<T, kTaps> make_sampling_plan(const T* rois, const int64_t* roi_leve
 // reads, in parallel, each plane on exactly one thread. The threads take planes one at a time from
 // a shared counter rather than fixed halves of the list: on a loaded machine a thread that gets
 // less CPU time then simply does fewer planes instead of holding everyone up at the end.
-template <typename Fn>
-void for_each_plane(int64_t num_levels, int64_t batch_size, int64_t channels,
-                    const std::vector<int64_t>& group_start, Fn&& fn) {
+template <typename T, int kTaps, typename Fn>
+void for_each_plane(const SamplingPlan<T, kTaps>& plan, int64_t num_levels, int64_t batch_size,
+                    int64_t channels, Fn&& fn) {
+  const std::vector<int64_t>& group_start = plan.group_start;
   const int64_t num_groups = num_levels * batch_size;
   const int64_t num_planes = channels * num_groups;
   std::atomic<int64_t> next_plane{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, threads_for(plan.num_samples * channels), 1, [&](int64_t, int64_t) {
     for (int64_t p = next_plane++; p < num_planes; p = next_plane++) {
       // Channel-major: concurrent threads work on the same channel's levels and images.
       const int64_t channel = p / num_groups;
@@ -135,14 +158,29 @@ void for_each_plane(int64_t num_levels, int64_t batch_size, int64_t channels,
   });
 }
 
+// The plane at `plane` (`size` values of storage type S) in compute type T: the plane itself when
+// the types agree, else a float32 copy in this thread's scratch buffer (valid until the next call
+// on the thread).
+template <typename T, typename S>
+inline const T* plane_as(const S* plane, int64_t size) {
+  if constexpr (std::is_same_v<S, T>) {
+    return plane;
+  } else {
+    thread_local std::vector<T> buffer;
+    buffer.resize(size);
+    for (int64_t i = 0; i < size; ++i) buffer[i] = static_cast<T>(plane[i]);
+    return buffer.data();
+  }
+}
+
 // Pools one RoI from one plane into its PH x PW bins. A separate function with everything in
-// locals, so the compiler keeps the hot loop's state in registers.
-template <typename T, int kTaps>
+// locals, so the compiler keeps the hot loop's state in registers. O is the output storage type.
+template <typename T, int kTaps, typename O>
 inline void pool_roi_plane(const T* __restrict plane, int64_t width,
                            const AxisTaps<T, kTaps>* __restrict ty,
                            const AxisTaps<T, kTaps>* __restrict tx, int grid_h, int grid_w,
                            const CountDivisor<T>& divide_by_count, int pooled_h,
-                           int pooled_w, T* __restrict out) {
+                           int pooled_w, O* __restrict out) {
   for (int ph = 0; ph < pooled_h; ++ph) {
     const AxisTaps<T, kTaps>* rows = ty + ph * grid_h;
     for (int pw = 0; pw < pooled_w; ++pw) {
@@ -157,22 +195,23 @@ inline void pool_roi_plane(const T* __restrict plane, int64_t width,
           sum += interpolate(plane, width, row, col);
         }
       }
-      out[ph * pooled_w + pw] = divide_by_count(sum);
+      out[ph * pooled_w + pw] = static_cast<O>(divide_by_count(sum));
     }
   }
 }
 
-// out: [K, C, PH, PW], contiguous.
-template <typename T, int kTaps>
+// out: [K, C, PH, PW], contiguous, of the features' storage type S.
+template <typename S, typename T, int kTaps>
 void pool_forward(const SamplingPlan<T, kTaps>& plan,
-                  const std::vector<LevelPlanes<const T>>& levels, int64_t batch_size,
-                  int64_t channels, int pooled_h, int pooled_w, T* out) {
+                  const std::vector<LevelPlanes<const S>>& levels, int64_t batch_size,
+                  int64_t channels, int pooled_h, int pooled_w, S* out) {
   const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
   for_each_plane(
-      levels.size(), batch_size, channels, plan.group_start,
+      plan, levels.size(), batch_size, channels,
       [&](int64_t group, int64_t level, int64_t batch, int64_t channel) {
-        const LevelPlanes<const T>& lv = levels[level];
-        const T* plane = lv.data + (batch * channels + channel) * lv.height * lv.width;
+        const LevelPlanes<const S>& lv = levels[level];
+        const int64_t size = lv.height * lv.width;
+        const T* plane = plane_as<T>(lv.data + (batch * channels + channel) * size, size);
         for (int64_t g = plan.group_start[group]; g < plan.group_start[group + 1]; ++g) {
           const int64_t k = plan.grouped_rois[g];
           const RoiWindow<T>& win = plan.windows[k];
@@ -191,7 +230,7 @@ void pool_backward(const SamplingPlan<T, kTaps>& plan, const std::vector<LevelPl
                    const T* grad_out) {
   const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
   for_each_plane(
-      levels.size(), batch_size, channels, plan.group_start,
+      plan, levels.size(), batch_size, channels,
       [&](int64_t group, int64_t level, int64_t batch, int64_t channel) {
         const LevelPlanes<T>& lv = levels[level];
         T* plane = lv.data + (batch * channels + channel) * lv.height * lv.width;

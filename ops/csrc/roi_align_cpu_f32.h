@@ -91,13 +91,14 @@ inline f32x4 column_lanes(const ColumnWindow<kTaps>& window) {
 constexpr int kMaxVectorBins = 32;  // widest output row of the vectorised path
 
 // Pools one RoI from one float plane (cf. pool_roi_plane), one row of bins at a time: each sample
-// row's plane rows and weights are set up once and swept across all the bins of the row.
-template <int kTaps>
+// row's plane rows and weights are set up once and swept across all the bins of the row. O is the
+// output storage type (float, or float16/bfloat16 for reduced-precision features).
+template <int kTaps, typename O>
 inline void pool_roi_plane_f32(const float* __restrict plane, int64_t width,
                                const AxisTaps<float, kTaps>* __restrict ty,
                                const ColumnWindow<kTaps>* __restrict tx, int grid_h, int grid_w,
                                const CountDivisor<float>& divide_by_count, int pooled_h,
-                               int pooled_w, float* __restrict out) {
+                               int pooled_w, O* __restrict out) {
   f32x4 bin_sums[kMaxVectorBins];
   const int samples_per_row = pooled_w * grid_w;
   for (int ph = 0; ph < pooled_h; ++ph) {
@@ -130,8 +131,8 @@ inline void pool_roi_plane_f32(const float* __restrict plane, int64_t width,
     }
     for (int pw = 0; pw < pooled_w; ++pw) {
       // Bilinear sums went to lane 0 only (the others stay 0), in sample order.
-      out[ph * pooled_w + pw] =
-          divide_by_count(kTaps == 2 ? bin_sums[pw][0] : lane_sum(bin_sums[pw]));
+      out[ph * pooled_w + pw] = static_cast<O>(
+          divide_by_count(kTaps == 2 ? bin_sums[pw][0] : lane_sum(bin_sums[pw])));
     }
   }
 }
@@ -180,24 +181,29 @@ inline void prefetch_plane(const float* plane, int64_t size, int64_t num_rois) {
   }
 }
 
-// pool_forward for float32 features, where fits_column_windows.
-template <int kTaps>
+// pool_forward for float32 computation (features stored as S: float, float16 or bfloat16), where
+// fits_column_windows.
+template <int kTaps, typename S>
 void pool_forward_f32(const SamplingPlan<float, kTaps>& plan,
-                      const std::vector<LevelPlanes<const float>>& levels, int64_t batch_size,
-                      int64_t channels, int pooled_h, int pooled_w, float* out) {
+                      const std::vector<LevelPlanes<const S>>& levels, int64_t batch_size,
+                      int64_t channels, int pooled_h, int pooled_w, S* out) {
   const auto windows = column_windows(plan, levels, batch_size);
   const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
   for_each_plane(
-      levels.size(), batch_size, channels, plan.group_start,
+      plan, levels.size(), batch_size, channels,
       [&](int64_t group, int64_t level, int64_t batch, int64_t channel) {
-        const LevelPlanes<const float>& lv = levels[level];
-        const float* plane = lv.data + (batch * channels + channel) * lv.height * lv.width;
-        prefetch_plane</*kForWriting=*/0>(plane, lv.height * lv.width,
-                                           plan.group_start[group + 1] - plan.group_start[group]);
+        const LevelPlanes<const S>& lv = levels[level];
+        const int64_t size = lv.height * lv.width;
+        const S* stored = lv.data + (batch * channels + channel) * size;
+        if constexpr (std::is_same_v<S, float>) {
+          prefetch_plane</*kForWriting=*/0>(stored, size,
+                                             plan.group_start[group + 1] - plan.group_start[group]);
+        }
+        const float* plane = plane_as<float>(stored, size);
         for (int64_t g = plan.group_start[group]; g < plan.group_start[group + 1]; ++g) {
           const int64_t k = plan.grouped_rois[g];
           const RoiWindow<float>& win = plan.windows[k];
-          pool_roi_plane_f32<kTaps>(plane, lv.width, plan.y_taps.data() + plan.y_offset[k],
+          pool_roi_plane_f32<kTaps, S>(plane, lv.width, plan.y_taps.data() + plan.y_offset[k],
                                     windows.data() + plan.x_offset[k], win.grid_h, win.grid_w,
                                     win.divide_by_count, pooled_h, pooled_w,
                                     out + (k * channels + channel) * bins);
@@ -259,7 +265,7 @@ void pool_backward_f32(const SamplingPlan<float, kTaps>& plan,
   const auto windows = column_windows(plan, levels, batch_size);
   const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
   for_each_plane(
-      levels.size(), batch_size, channels, plan.group_start,
+      plan, levels.size(), batch_size, channels,
       [&](int64_t group, int64_t level, int64_t batch, int64_t channel) {
         const LevelPlanes<float>& lv = levels[level];
         float* plane = lv.data + (batch * channels + channel) * lv.height * lv.width;

@@ -196,6 +196,8 @@ class RoIHeads(nn.Module):
         self.pooler_mode = pooler_mode
 
     def _pool(self, features: list[Tensor], rois: Tensor, size: int) -> Tensor:
+        # The levels go as they are: the pooler reads channels_last (and NCHW) maps in place,
+        # and hands back the gradients in the maps' own layout.
         return ops.multilevel_roi_align(
             features,
             rois,
@@ -213,9 +215,6 @@ class RoIHeads(nn.Module):
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
-        # The pooling kernels read NCHW: convert the (channels_last) levels once for both
-        # the box and the mask pooling instead of letting each call copy them.
-        features = [f.contiguous() for f in features]
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")

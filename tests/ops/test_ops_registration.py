@@ -24,13 +24,25 @@ def roi_inputs(device, requires_grad=True):
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
-def test_opcheck_roi_align(device, mode):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_roi_align(device, mode, channels_last):
     x, rois = roi_inputs(device)
+    if channels_last:
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     torch.library.opcheck(OPS.roi_align, (x, rois, 0.5, 3, 2, 2, True, mode))
     grad = torch.randn(6, 3, 3, 2, dtype=torch.float64, device=device)
     torch.library.opcheck(
-        OPS.roi_align_backward, (grad, rois, 0.5, 3, 2, 2, 3, 10, 12, 2, True, mode)
+        OPS.roi_align_backward,
+        (grad, rois, 0.5, 3, 2, 2, 3, 10, 12, 2, True, mode, channels_last),
     )
+
+
+def test_opcheck_reduced_precision(device):
+    x = torch.randn(2, 3, 10, 12, device=device, dtype=torch.bfloat16, requires_grad=True)
+    rois = to_rois(random_boxes(6, 20, 24, 2, 20), 2).to(device)  # float32
+    torch.library.opcheck(OPS.roi_align, (x, rois, 0.5, 3, 2, 2, True, "bilinear"))
+    boxes = random_boxes(40, 50, 50, 5, 30).to(device).half()
+    torch.library.opcheck(OPS.nms, (boxes, torch.rand(40, device=device).half(), 0.5))
 
 
 def test_opcheck_multilevel(device):
