@@ -60,6 +60,12 @@ def train_command(nproc: int, overrides: list[str], *torchrun_args: str) -> list
     ]
 
 
+def start_train(command: list[str], env: dict | None = None, **popen) -> subprocess.Popen:
+    """A training job in the background, its stdout and stderr merged into one text pipe."""
+    return subprocess.Popen(command, env=env or train_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)  # fmt: skip
+
+
 def run_train(
     nproc: int,
     overrides: list[str],

@@ -16,6 +16,7 @@ from engine_helpers import (
     checkpoint_state,
     free_port,
     run_train,
+    start_train,
     tiny_overrides,
     train_command,
     train_env,
@@ -181,15 +182,7 @@ def test_two_nodes_with_c10d_rendezvous(engine_shards, tmp_path, two_hosts):
             "--rdzv-id=multinode-test",
             *extra,
         ]
-        agents.append(
-            subprocess.Popen(
-                prefix + command,
-                env=train_env(**host_env),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
+        agents.append(start_train(prefix + command, env=train_env(**host_env)))
     outputs = [agent.communicate(timeout=300)[0] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert checkpoint_state(out)["world_size"] == 2
@@ -207,14 +200,7 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes(engine_shards, tmp_pa
             "train.keep_checkpoints": 0,
         },
     )
-    agent = subprocess.Popen(
-        train_command(2, overrides, "--max-restarts=1"),
-        env=train_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    agent = start_train(train_command(2, overrides, "--max-restarts=1"), start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not (out / "checkpoints" / "step_0000004.pt").exists():
@@ -241,13 +227,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes(engine_shards, tmp_path):
     overrides = tiny_overrides(
         engine_shards, out, **{"train.max_steps": 200, "train.checkpoint_every": 1000}
     )
-    process = subprocess.Popen(
-        train_command(0, overrides),
-        env=train_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_train(train_command(0, overrides))
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").exists() or len(metric_steps(out)) < 2:
         assert time.monotonic() < deadline and process.poll() is None, "training did not start"
