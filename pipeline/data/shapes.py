@@ -1,15 +1,18 @@
 """A synthetic COCO instance-segmentation dataset: coloured circles, squares and triangles
-that overlap and occlude one another on a noisy, textured background.
+that overlap and occlude one another on a background of random colour.
 
-Every shape is a convex polygon (a circle is a 48-gon). Shapes are painted in order, so a
-later shape hides the earlier ones; the annotation of a shape is its VISIBLE part, computed
-exactly with convex polygon clipping: convex A minus convex B is the disjoint union, over
-B's edges e_i, of A clipped to the outside of e_i and the inside of e_1..e_{i-1}. The
-result is a list of convex pieces (holes included, which a single COCO polygon cannot
-express), written as a multi-polygon segmentation. Shapes hidden entirely are dropped.
+Each image is ``size`` x ``size`` (128 by default) with 1 to 4 shapes of random kind, colour,
+rotation and radius (10 to 28 px at 128 px, scaled with ``size``), placed independently, so
+they overlap. Shapes are painted in order into a label map, so a later shape hides the earlier
+ones; the image takes its colours from that map, and the annotation of a shape is its VISIBLE
+mask (the pixels of the label map that still show it), stored as compressed RLE with the bbox
+and area of that mask. Visible masks of one image are therefore disjoint, and a shape whose
+visible part is ``MIN_VISIBLE_AREA`` px or less is drawn but not annotated. Mild per-pixel
+noise and JPEG compression keep the colours from being exactly flat.
 
 Output for a seed is byte-identical on every run: each image has its own generator seeded
-by (seed, split, index), JPEGs use a fixed quality and the JSON has no timestamps.
+by (seed, split, index), so the train and val splits (and other seeds) are independent draws;
+JPEGs use a fixed quality and the JSON has no timestamps.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,130 +32,82 @@ CATEGORIES = [
     {"id": 2, "name": "square", "supercategory": "shape"},
     {"id": 3, "name": "triangle", "supercategory": "shape"},
 ]
+SIDES = {1: 48, 2: 4, 3: 3}  # a circle is a 48-gon
+DEFAULT_SIZE = 128
+# 1000 training images: 550 steps of 8 images (the reference schedule) are ~4.4 epochs.
+DEFAULT_TRAIN_IMAGES, DEFAULT_VAL_IMAGES = 1000, 200
+MIN_SHAPES, MAX_SHAPES = 1, 4
+# Circumradius range in px at DEFAULT_SIZE; other sizes scale it.
+RADIUS_RANGE = (10.0, 28.0)
+# A shape showing this many pixels or fewer after occlusion is not annotated.
+MIN_VISIBLE_AREA = 20
+NOISE = 8  # per-pixel noise amplitude (uniform in [-NOISE, NOISE] per channel)
 JPEG_QUALITY = 90
-CIRCLE_SIDES = 48
-EMPTY_IMAGE_PROBABILITY = 0.08
-MAX_SHAPES = 6
-# Pieces thinner than this (in px²) are numerical slivers of the clipping, not real regions.
-MIN_PIECE_AREA = 0.5
 SPLIT_CODES = {"train": 0, "val": 1}
 
 
+@dataclass
+class DrawnShape:
+    """One painted shape: its category, geometry and the pixels it still shows."""
+
+    category: int
+    radius: float
+    outline: np.ndarray  # [sides, 2] float (x, y) vertices
+    visible: np.ndarray  # [H, W] bool
+
+
 def polygon_area(points: np.ndarray) -> float:
-    """Signed area (shoelace); positive for counter-clockwise in x-right/y-up terms."""
+    """Unsigned area of a simple polygon (shoelace)."""
     x, y = points[:, 0], points[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y)))
 
 
-def clip_to_halfplane(points: np.ndarray, a: np.ndarray, b: np.ndarray, keep_left: bool):
-    """Sutherland-Hodgman: the part of a convex polygon on one side of the line a->b."""
-    if len(points) == 0:
-        return points
-    edge = b - a
-    side = edge[0] * (points[:, 1] - a[1]) - edge[1] * (points[:, 0] - a[0])
-    if not keep_left:
-        side = -side
-    out = []
-    count = len(points)
-    for i in range(count):
-        j = (i + 1) % count
-        p, q, sp, sq = points[i], points[j], side[i], side[j]
-        if sp >= 0:
-            out.append(p)
-        if (sp >= 0) != (sq >= 0):
-            t = sp / (sp - sq)
-            out.append(p + t * (q - p))
-    return np.array(out) if len(out) >= 3 else np.zeros((0, 2))
+def radius_range(size: int) -> tuple[float, float]:
+    scale = size / DEFAULT_SIZE
+    return RADIUS_RANGE[0] * scale, RADIUS_RANGE[1] * scale
 
 
-def subtract_convex(piece: np.ndarray, occluder: np.ndarray) -> list[np.ndarray]:
-    """``piece`` minus ``occluder`` (both convex, counter-clockwise) as disjoint convex pieces."""
-    pieces = []
-    remainder = piece
-    count = len(occluder)
-    for i in range(count):
-        a, b = occluder[i], occluder[(i + 1) % count]
-        outside = clip_to_halfplane(remainder, a, b, keep_left=False)
-        if len(outside) and abs(polygon_area(outside)) >= MIN_PIECE_AREA:
-            pieces.append(outside)
-        remainder = clip_to_halfplane(remainder, a, b, keep_left=True)
-        if len(remainder) == 0:
-            break
-    return pieces
-
-
-def counter_clockwise(points: np.ndarray) -> np.ndarray:
-    return points if polygon_area(points) > 0 else points[::-1].copy()
-
-
-def random_shape(rng: np.random.Generator, width: int, height: int) -> tuple[int, np.ndarray]:
-    """A category id and its convex outline (float vertices, counter-clockwise)."""
-    category = int(rng.integers(1, 4))
-    short = min(width, height)
-    radius = rng.uniform(0.08, 0.28) * short
-    cx = rng.uniform(0.05 * width, 0.95 * width)
-    cy = rng.uniform(0.05 * height, 0.95 * height)
+def random_outline(rng: np.random.Generator, size: int) -> tuple[int, float, np.ndarray]:
+    """A category id, radius and outline. The centre lies at least half a radius inside the
+    image, so a shape may be cut by the border but is mostly visible if nothing covers it."""
+    category = int(rng.integers(1, len(CATEGORIES) + 1))
+    radius = float(rng.uniform(*radius_range(size)))
+    cx, cy = rng.uniform(radius / 2, size - radius / 2, size=2)
     rotation = rng.uniform(0, 2 * math.pi)
-    sides = {1: CIRCLE_SIDES, 2: 4, 3: 3}[category]
-    angles = rotation + np.arange(sides) * (2 * math.pi / sides)
-    points = np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], axis=1)
-    return category, counter_clockwise(points)
+    angles = rotation + np.arange(SIDES[category]) * (2 * math.pi / SIDES[category])
+    outline = np.stack([cx + radius * np.cos(angles), cy + radius * np.sin(angles)], axis=1)
+    return category, radius, outline
 
 
-def textured_background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
-    """Low-frequency colour blotches plus per-pixel noise, uint8 [H, W, 3]."""
-    coarse = rng.integers(40, 216, size=(6, 6, 3), dtype=np.uint8)
-    blotches = np.asarray(
-        Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR),
-        dtype=np.int16,
-    )
-    noise = rng.integers(-25, 26, size=(height, width, 3), dtype=np.int16)
-    return np.clip(blotches + noise, 0, 255).astype(np.uint8)
+def render_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[DrawnShape]]:
+    """One image (uint8 [size, size, 3]) and every shape painted on it, in painting order,
+    including those that end up (nearly) hidden."""
+    count = int(rng.integers(MIN_SHAPES, MAX_SHAPES + 1))
+    shapes = [random_outline(rng, size) for _ in range(count)]
+    labels = Image.new("L", (size, size), 0)  # 0 = background, k = k-th shape
+    draw = ImageDraw.Draw(labels)
+    for index, (_, _, outline) in enumerate(shapes, start=1):
+        draw.polygon([(float(x), float(y)) for x, y in outline], fill=index)
+    label_map = np.asarray(labels)
+    # Row 0 is the background colour, row k the colour of the k-th shape.
+    palette = rng.integers(0, 256, size=(count + 1, 3)).astype(np.int16)
+    noise = rng.integers(-NOISE, NOISE + 1, size=(size, size, 3), dtype=np.int16)
+    pixels = np.clip(palette[label_map] + noise, 0, 255).astype(np.uint8)
+    drawn = [
+        DrawnShape(category, radius, outline, label_map == index)
+        for index, (category, radius, outline) in enumerate(shapes, start=1)
+    ]
+    return pixels, drawn
 
 
-def visible_parts(outlines: list[np.ndarray]) -> list[list[np.ndarray]]:
-    """For each outline (in painting order), the convex pieces left visible by later ones."""
-    visible = []
-    for index, outline in enumerate(outlines):
-        pieces = [outline]
-        for occluder in outlines[index + 1 :]:
-            pieces = [part for piece in pieces for part in subtract_convex(piece, occluder)]
-            if not pieces:
-                break
-        visible.append(pieces)
-    return visible
-
-
-def render_image(rng: np.random.Generator, size: int):
-    """One image: the JPEG bytes, its (height, width) and its visible shapes as
-    (category id, list of flat polygons)."""
-    width = int(rng.integers(round(0.75 * size), size + 1))
-    height = int(rng.integers(round(0.75 * size), size + 1))
-    canvas = Image.fromarray(textured_background(rng, width, height))
-    draw = ImageDraw.Draw(canvas)
-    count = 0 if rng.random() < EMPTY_IMAGE_PROBABILITY else int(rng.integers(1, MAX_SHAPES + 1))
-    shapes = [random_shape(rng, width, height) for _ in range(count)]
-    for _, outline in shapes:
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        draw.polygon([(float(x), float(y)) for x, y in outline], fill=colour)
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    instances = []
-    for (category, _), pieces in zip(shapes, visible_parts([o for _, o in shapes]), strict=True):
-        polygons = [[round(float(v), 2) for v in piece.reshape(-1)] for piece in pieces]
-        if polygons:
-            instances.append((category, polygons))
-    return buffer.getvalue(), (height, width), instances
-
-
-def annotation_for(polygons: list[list[float]], height: int, width: int):
-    """COCO bbox (xywh) and area of the rasterised polygons, or None if nothing is left."""
-    rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    area = int(mask_utils.area(rle))
-    if area == 0:
-        return None
-    bbox = [round(float(v), 2) for v in mask_utils.toBbox(rle)]
-    return bbox, area
+def annotation_fields(visible: np.ndarray) -> dict:
+    """COCO segmentation (compressed RLE), bbox (xywh) and area of a visible mask."""
+    rle = mask_utils.encode(np.asfortranarray(visible.astype(np.uint8)))
+    return {
+        "segmentation": {"size": list(visible.shape), "counts": rle["counts"].decode("ascii")},
+        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+        "area": int(mask_utils.area(rle)),
+    }
 
 
 def write_split(out_dir: Path, split: str, count: int, size: int, seed: int) -> dict:
@@ -161,40 +117,46 @@ def write_split(out_dir: Path, split: str, count: int, size: int, seed: int) -> 
     images, annotations = [], []
     for index in range(count):
         rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
-        jpeg, (height, width), instances = render_image(rng, size)
+        pixels, shapes = render_image(rng, size)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=JPEG_QUALITY)
         file_name = f"{split}_{index:06d}.jpg"
-        (image_dir / file_name).write_bytes(jpeg)
+        (image_dir / file_name).write_bytes(buffer.getvalue())
         image_id = index + 1
-        images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
-        for category, polygons in instances:
-            box_and_area = annotation_for(polygons, height, width)
-            if box_and_area is None:  # hidden except for sub-pixel slivers
+        images.append({"id": image_id, "file_name": file_name, "height": size, "width": size})
+        for shape in shapes:
+            if int(shape.visible.sum()) <= MIN_VISIBLE_AREA:  # hidden, or too little left
                 continue
-            bbox, area = box_and_area
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
-                    "category_id": category,
-                    "segmentation": polygons,
-                    "bbox": bbox,
-                    "area": area,
+                    "category_id": shape.category,
+                    **annotation_fields(shape.visible),
                     "iscrowd": 0,
                 }
             )
     return {
-        "info": {"description": f"synthetic shapes, seed {seed}", "version": "1"},
+        "info": {"description": f"synthetic shapes, seed {seed}", "version": "2"},
         "images": images,
         "annotations": annotations,
         "categories": CATEGORIES,
     }
 
 
-def make_shapes_dataset(out_dir: str | Path, train: int, val: int, size: int, seed: int) -> dict:
+def make_shapes_dataset(
+    out_dir: str | Path,
+    train: int = DEFAULT_TRAIN_IMAGES,
+    val: int = DEFAULT_VAL_IMAGES,
+    size: int = DEFAULT_SIZE,
+    seed: int = 0,
+) -> dict:
     """Write ``out_dir/images/{train,val}/*.jpg`` and
     ``out_dir/annotations/instances_{train,val}.json``; return {split: annotation path}."""
     if size < 32:
         raise ValueError(f"image size {size} is too small (at least 32)")
+    if train < 0 or val < 0:
+        raise ValueError(f"image counts must be >= 0, got train={train}, val={val}")
     out_dir = Path(out_dir)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
     written = {}
