@@ -216,9 +216,10 @@ class DeepSpeedStrategy:
         )
         # DeepSpeed flattens the parameters through byte views, which need standard
         # (NCHW-contiguous) strides; the convolutions still run NHWC on channels_last inputs.
+        # (is_contiguous() is no test: a channels_last [C, K, 1, 1] weight passes it.)
         for param in model.parameters():
-            if not param.is_contiguous():
-                param.data = param.data.contiguous()
+            if param.dim() == 4:
+                param.data = param.data.clone(memory_format=torch.contiguous_format)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
