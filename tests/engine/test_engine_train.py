@@ -101,6 +101,8 @@ LEARNING = {
 @pytest.mark.parametrize("norm", ["frozen_bn", "bn", "gn"])
 def test_each_norm_learns_on_a_small_set(engine_shards, tmp_path, norm):
     overrides = {"model.backbone.norm": norm, **LEARNING}
+    if norm == "frozen_bn":  # unnormalized from scratch: it diverged at lr 0.02 on one machine
+        overrides.update({"train.lr": 0.01, "train.clip_grad_norm": 5.0})
     if norm == "gn":
         overrides.update(
             {
