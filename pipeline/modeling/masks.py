@@ -89,7 +89,10 @@ def paste_masks_in_image(
             cols = _interpolation_matrix(
                 crop_x0[sel] - x0[sel], box_w[sel], padded.shape[-1], max_w
             )
-            crops = torch.bmm(torch.bmm(rows, padded[sel]), cols.transpose(1, 2))  # [n, mh, mw]
+            # In the masks' dtype even under autocast (bf16 would round the probabilities
+            # and could not be written into the output).
+            with torch.autocast(masks.device.type, enabled=False):
+                crops = torch.bmm(torch.bmm(rows, padded[sel]), cols.transpose(1, 2))
             offs_y = torch.arange(max_h, device=masks.device)
             offs_x = torch.arange(max_w, device=masks.device)
             valid = (offs_y[None, :, None] < crop_h[sel, None, None]) & (
