@@ -1,6 +1,17 @@
 """Data-stage throughput: shard building with 1 and 2 workers, and the training loader
-from shards against the usual way of reading COCO (torchvision CocoDetection + pycocotools
-annToMask), with the same transforms, DataLoader workers and batch size, in the same run.
+from shards against two ways of reading the plain COCO files (the json and one image file per
+image), with the same transforms, DataLoader workers and batch size, in the same run:
+
+* plain baseline: the usual way, torchvision CocoDetection (PIL decoding) + pycocotools
+  annToMask per annotation, per-sample DataLoader collation;
+* matched baseline: the shard loader's own pipeline on the plain files: the same decoder
+  (torchvision.io decode_jpeg on the file bytes), masks decoded from the annotations' RLE
+  (polygons converted as the shard builder does), the same augmentation draws, and whole
+  batches built and packed in the workers (as many as the shard loader's).
+
+shards / plain is the total gain of this data stage over the usual reading; shards / matched
+is the share of it that the shard format itself brings (tar reading, RLE precomputed at build
+time); matched / plain is the share of the decoding and batching choices.
 
     PYTHONPATH=. .venv/bin/python benchmarks/data.py            # 400 images at 512 px
     PYTHONPATH=. .venv/bin/python benchmarks/data.py --quick    # a smoke run
@@ -8,16 +19,19 @@ annToMask), with the same transforms, DataLoader workers and batch size, in the 
 
 The resize scales come from the demo config (configs/shapes_r18_cpu.yaml) unless given.
 The shared transforms (resize of image and masks) weigh more at larger scales, so the
-ratio shrinks there: it measures what the shard format changes (reading, JPEG decoding,
-masks from RLE instead of polygons, batch transfer), not the common work.
+ratios shrink there: they measure what the reading changes (file format, JPEG decoding,
+masks from RLE instead of polygons, batch transfer), not the common work. The shapes
+dataset stores its masks as compressed RLE already, so here the matched baseline converts
+nothing; on COCO (polygons) it would rasterise them on every read, which shards do once.
 
-Every figure is the median over ``--repeats`` runs; the two loaders alternate so that load
-from other processes on the machine hits both alike.
+Every figure is the median over ``--repeats`` runs; the three loaders take turns in a
+rotating order so that load from other processes on the machine hits all alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -35,10 +49,21 @@ from torchvision.datasets import CocoDetection
 from torchvision.transforms.functional import pil_to_tensor
 
 from pipeline.config import load_config
-from pipeline.data.loader import ShardTrainLoader
+from pipeline.data.coco import segmentation_to_rle
+from pipeline.data.loader import ShardTrainLoader, make_dataloader
 from pipeline.data.shapes import make_shapes_dataset
 from pipeline.data.sharding import build_shards
-from pipeline.data.transforms import collate, flip_and_resize, to_float
+from pipeline.data.transforms import (
+    collate,
+    decode_image,
+    decode_masks,
+    flip_and_resize,
+    pack_batch,
+    rle_extents,
+    to_float,
+    training_annotations,
+    unpack_batch,
+)
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +106,62 @@ class CocoBaseline(Dataset):
             flip=rng.random() < self.flip_prob,
         )  # fmt: skip
         return to_float([image])[0], target  # in the worker, like ConvertImageDtype
+
+
+class CocoFilesBatches(Dataset):
+    """The matched baseline: the plain COCO json and image files through the shard loader's
+    pipeline. Item ``b`` is batch ``b`` of a seeded shuffle, built and packed in the worker
+    (``pack_batch``) from the file bytes, decoded and augmented exactly as ``make_example``
+    does a shard sample, with the same per-position augmentation draws."""
+
+    def __init__(self, root, annotations, *, batch_size, min_sizes, max_size, flip_prob, seed):
+        with open(annotations) as file:
+            coco = json.load(file)
+        self.root = Path(root)
+        by_image: dict[int, list[dict]] = {image["id"]: [] for image in coco["images"]}
+        for annotation in coco["annotations"]:
+            by_image[annotation["image_id"]].append(annotation)
+        self.images = [(image, by_image[image["id"]]) for image in coco["images"]]
+        ordered = sorted(category["id"] for category in coco["categories"])
+        self.category_index = {cat: i + 1 for i, cat in enumerate(ordered)}
+        self.order = list(range(len(self.images)))
+        random.Random(f"order/{seed}").shuffle(self.order)
+        self.batch_size, self.min_sizes, self.max_size = batch_size, min_sizes, max_size
+        self.flip_prob, self.seed = flip_prob, seed
+
+    def __len__(self):
+        return math.ceil(len(self.images) / self.batch_size)
+
+    def example(self, position: int):
+        image_record, annotations = self.images[self.order[position]]
+        path = self.root / image_record["file_name"]
+        height, width = image_record["height"], image_record["width"]
+        image = decode_image(path.read_bytes(), path.suffix[1:].lower())
+        record = {
+            "height": height,
+            "width": width,
+            "annotations": [
+                {**a, "segmentation": segmentation_to_rle(a["segmentation"], height, width)}
+                for a in annotations
+            ],
+        }
+        boxes, labels, rles = training_annotations(record, self.category_index)
+        rng = random.Random(f"aug/{self.seed}/0/{position}")  # the shard loader's draws
+        min_size, flip = rng.choice(self.min_sizes), rng.random() < self.flip_prob
+        return flip_and_resize(
+            image, boxes, labels, decode_masks(rles, height, width), image_record["id"],
+            min_size=min_size, max_size=self.max_size, flip=flip, mask_extents=rle_extents(rles),
+        )  # fmt: skip
+
+    def __getitem__(self, batch):
+        first = batch * self.batch_size
+        positions = range(first, min(first + self.batch_size, len(self.images)))
+        return pack_batch([self.example(position) for position in positions])
+
+
+def unpacked(packed_batches):
+    for packed in packed_batches:
+        yield unpack_batch(packed)
 
 
 def time_epoch(batches) -> tuple[float, float, int]:
@@ -139,16 +220,33 @@ def main(argv=None) -> None:
             num_workers=args.workers, shuffle_buffer=64, epoch_samples=args.images,
             min_sizes=common["min_sizes"], max_size=args.max_size, seed=0,
         )  # fmt: skip
-        baseline_data = CocoBaseline(str(images_dir), str(annotations), **common)
-        baseline_loader = DataLoader(
-            baseline_data, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+        plain_data = CocoBaseline(str(images_dir), str(annotations), **common)
+        plain_loader = DataLoader(
+            plain_data, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
             collate_fn=collate, drop_last=False,
         )  # fmt: skip
-        rates = {"shards": [], "baseline": []}
-        cpu_rates = {"shards": [], "baseline": []}
-        for _ in range(args.repeats):
-            for name, batches in (("shards", shard_loader), ("baseline", baseline_loader)):
-                wall, cpu, count = time_epoch(batches)
+        matched_data = CocoFilesBatches(
+            str(images_dir), str(annotations), batch_size=args.batch_size, **common
+        )
+        loaders = {
+            "shards": lambda: shard_loader,
+            "matched": lambda: unpacked(
+                make_dataloader(matched_data, args.workers, args.batch_size)
+            ),
+            "plain": lambda: plain_loader,
+        }
+        labels = {
+            "shards": "shards (WebDataset, ours)",
+            "matched": "COCO files, our pipeline",
+            "plain": "CocoDetection+annToMask",
+        }
+        rates = {name: [] for name in loaders}
+        cpu_rates = {name: [] for name in loaders}
+        names = list(loaders)
+        for repeat in range(args.repeats):
+            shift = repeat % len(names)
+            for name in names[shift:] + names[:shift]:
+                wall, cpu, count = time_epoch(loaders[name]())
                 rates[name].append(count / wall)
                 cpu_rates[name].append(count / cpu)
         median = {name: statistics.median(values) for name, values in rates.items()}
@@ -158,12 +256,18 @@ def main(argv=None) -> None:
             f"min sizes {args.min_sizes}, max {args.max_size} "
             f"(medians of {args.repeats}; images/s wall | images per CPU-second):"
         )
-        for name, label in (("shards", "shards (WebDataset)"), ("baseline", "CocoDetection")):
-            print(f"  {label:24s} {median[name]:8.1f} | {cpu_median[name]:8.1f}")
-        print(
-            f"  ratio shards / baseline  {median['shards'] / median['baseline']:8.2f} | "
-            f"{cpu_median['shards'] / cpu_median['baseline']:8.2f}"
-        )
+        for name, label in labels.items():
+            print(f"  {label:26s} {median[name]:8.1f} | {cpu_median[name]:8.1f}")
+        for label, candidate, baseline in (
+            ("total gain: shards vs plain baseline", "shards", "plain"),
+            ("shard format's share: shards vs matched baseline", "shards", "matched"),
+            ("pipeline's share: matched vs plain baseline", "matched", "plain"),
+        ):
+            print(
+                f"  ratio {candidate} / {baseline} ({label}): "
+                f"{median[candidate] / median[baseline]:.2f} wall | "
+                f"{cpu_median[candidate] / cpu_median[baseline]:.2f} CPU"
+            )
         print(f"  all wall rates: {rates}".replace("], ", "],\n                  "))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -7,15 +7,25 @@ Both models are ResNet-50-FPN Mask R-CNNs with frozen BatchNorm, stem and res2 f
 ``MaskRCNN.from_torchvision``). The box classifier is scaled so that inference yields many
 detections (100 per image), so post-processing and mask pasting are measured realistically.
 Inputs: 2 images per batch, 800x1088 and 800x1066 (``--quick``: 320x416 and 320x400) with
-random shapes as ground truth for training. Iterations of the two models alternate, so load
-from other processes affects both alike. Reported: the median and the minimum wall time and the
-median process CPU time per batch, and their ratios (torchvision time / ours = speed-up in
-images per second). On a shared machine the minimum is the least disturbed measurement.
+random shapes as ground truth for training.
+
+torchvision runs twice: as it comes (NCHW, its default) and in channels-last, as an expert
+would run it on a CPU: ``model.to(memory_format=torch.channels_last)``, channels-last input
+images, and the batch its transform builds (a fresh NCHW tensor) converted to channels-last
+before the backbone. Ours is channels-last by default (``channels_last=True``).
+
+Each mode (inference, then training) runs one warm-up iteration per model, then ``--iters``
+timed ones (10; ``--quick``: 1). The models take turns within an iteration, in a rotating
+order, so that load from other processes affects all alike. Reported per model: the median
+and the minimum wall time and the median process CPU time per batch; then the ratios
+``torchvision time / ours`` (the speed-up of ours in images per second) against each
+torchvision variant. On a shared machine the minimum is the least disturbed measurement.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -98,49 +108,99 @@ def infer_step(model, images, counts):
     return step
 
 
-def run(models, steps, warmup: int, iters: int) -> dict[str, list[tuple[float, float]]]:
+def channels_last_torchvision(model: torch.nn.Module) -> torch.nn.Module:
+    """torchvision's model in channels-last: weights, and the backbone's input. Its transform
+    batches the images into a new NCHW tensor whatever their layout, so that batch is
+    converted once before the backbone (what our model does)."""
+    model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    model.backbone.register_forward_pre_hook(
+        lambda _module, args: (args[0].contiguous(memory_format=torch.channels_last),)
+    )
+    return model
+
+
+def channels_last_images(images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[3, H, W] images stored pixel by pixel (the strides of a channels-last batch)."""
+    return [image.permute(1, 2, 0).contiguous().permute(2, 0, 1) for image in images]
+
+
+def record_feature_layouts(models) -> tuple[dict[str, str], list]:
+    """Hooks that note the layout of each model's first FPN level on its next call (to show
+    that channels-last took effect); returns the notes and the hook handles."""
+    layouts: dict[str, str] = {}
+
+    def hook(name):
+        def note(_module, _inputs, output):
+            first = next(iter(output.values())) if isinstance(output, dict) else output[0]
+            cl = first.is_contiguous(memory_format=torch.channels_last)
+            layouts.setdefault(name, "channels-last" if cl else "NCHW")
+
+        return note
+
+    handles = [m.backbone.register_forward_hook(hook(name)) for name, m in models.items()]
+    return layouts, handles
+
+
+def run(steps, warmup: int, iters: int) -> dict[str, list[tuple[float, float]]]:
+    names = list(steps)
     for _ in range(warmup):
-        for name in models:
+        for name in names:
             steps[name]()
-    times = {name: [] for name in models}
-    names = list(models)
-    for i in range(iters):  # alternate (and swap the order) so background load hits both alike
-        for name in names if i % 2 == 0 else names[::-1]:
+    times = {name: [] for name in names}
+    for i in range(iters):  # rotate the order so that background load hits all alike
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
             times[name].append(timed(steps[name]))
     return times
 
 
-def report(title: str, times, images_per_batch: int) -> None:
+# (what is compared, faster candidate, its baseline): each ratio is baseline time / candidate
+# time, the candidate's speed-up in images per second.
+COMPARISONS = [
+    ("ours vs torchvision NCHW (its default)", "ours", "torchvision"),
+    ("ours vs torchvision channels-last", "ours", "torchvision-cl"),
+    ("torchvision channels-last vs torchvision NCHW", "torchvision-cl", "torchvision"),
+]
+
+
+def report(title: str, times, images_per_batch: int) -> dict[str, float]:
+    """Print the per-model figures and the speed-ups; return the wall-median speed-ups."""
     print(f"\n{title} ({len(next(iter(times.values())))} iterations, {images_per_batch} img/batch)")
     stats = {}
     for name, ts in times.items():
         walls, cpus = [t[0] for t in ts], [t[1] for t in ts]
         stats[name] = (statistics.median(walls), min(walls), statistics.median(cpus))
         print(
-            f"  {name:12s} wall median {stats[name][0]:7.3f} s/batch "
+            f"  {name:15s} wall median {stats[name][0]:7.3f} s/batch "
             f"({images_per_batch / stats[name][0]:6.3f} img/s), min {stats[name][1]:7.3f} s; "
             f"cpu median {stats[name][2]:7.3f} s"
         )
-    tv, ours = stats["torchvision"], stats["ours"]
-    print(
-        f"  speed-up ours/torchvision: wall median {tv[0] / ours[0]:.2f}x, "
-        f"wall min {tv[1] / ours[1]:.2f}x, cpu median {tv[2] / ours[2]:.2f}x"
-    )
+    ratios = {}
+    for label, candidate, baseline in COMPARISONS:
+        new, base = stats[candidate], stats[baseline]
+        print(
+            f"  {title} ratio, {label} ({baseline} time / {candidate} time): "
+            f"wall median {base[0] / new[0]:.2f}x, wall min {base[1] / new[1]:.2f}x, "
+            f"cpu median {base[2] / new[2]:.2f}x"
+        )
+        ratios[label] = base[0] / new[0]
+    return ratios
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small images, 1 iteration")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations per mode")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per mode")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-infer", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
-        sizes, min_size, max_size, warmup, iters = [(320, 416), (320, 400)], 320, 533, 1, 1
+        sizes, min_size, max_size, iters = [(320, 416), (320, 400)], 320, 533, 1
     else:
-        sizes, min_size, max_size, warmup, iters = [(800, 1088), (800, 1066)], 800, 1333, 1, 4
+        sizes, min_size, max_size, iters = [(800, 1088), (800, 1066)], 800, 1333, 10
     iters = args.iters or iters
 
     reference = torchvision_model(min_size, max_size)
@@ -151,26 +211,37 @@ def main(argv: list[str] | None = None) -> int:
         min_size_test=min_size,
         max_size_test=max_size,
     )
-    models = {"torchvision": reference, "ours": ours}
+    models = {
+        "torchvision": reference,
+        "torchvision-cl": channels_last_torchvision(reference),
+        "ours": ours,
+    }
     generator = torch.Generator().manual_seed(0)
     samples = [shapes_sample(h, w, 6, generator) for h, w in sizes]
     images = [image for image, _ in samples]
     targets = [target for _, target in samples]
+    inputs = {name: images for name in models}
+    inputs["torchvision-cl"] = channels_last_images(images)
     print(
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
         f"{torch.get_num_threads()} threads, images {sizes}"
     )
 
-    # Inference first, at the weights chosen above: training would move both models away
+    summary = {}
+    # Inference first, at the weights chosen above: training would move the models away
     # from them (and apart from each other).
     if not args.skip_infer:
         counts = {name: [] for name in models}
         steps = {}
         for name, model in models.items():
             model.eval()
-            steps[name] = infer_step(model, images, counts[name])
-        times = run(models, steps, warmup, iters)
-        report("inference", times, len(images))
+            steps[name] = infer_step(model, inputs[name], counts[name])
+        layouts, handles = record_feature_layouts(models)
+        times = run(steps, args.warmup, iters)
+        for handle in handles:
+            handle.remove()
+        print(f"\nFPN feature layouts: {layouts}")
+        summary["inference"] = report("inference", times, len(images))
         print(f"  detections per batch: { {n: c[-1] for n, c in counts.items()} }")
 
     if not args.skip_train:
@@ -179,8 +250,13 @@ def main(argv: list[str] | None = None) -> int:
             model.train()
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-            steps[name] = train_step(model, optimizer, images, targets)
-        report("training", run(models, steps, warmup, iters), len(images))
+            steps[name] = train_step(model, optimizer, inputs[name], targets)
+        summary["training"] = report("training", run(steps, args.warmup, iters), len(images))
+
+    print("\nsummary: wall-median ratios (baseline time / candidate time; > 1: candidate faster)")
+    for mode, ratios in summary.items():
+        for label, _, _ in COMPARISONS:
+            print(f"  {mode:9s} {label:46s} {ratios[label]:.2f}x")
     return 0
 
 
