@@ -19,9 +19,11 @@ the set being so small that it is memorised) and 200 validation images drawn ind
 read straight from the COCO json and the JPEGs (``reference_eval.CocoInstances``). Scored
 with pycocotools COCOeval (bbox and segm) on the validation split.
 
-Expected with the defaults (550 steps, lr cut at 450): segm AP about 0.69, AP50 about 0.89,
-at about 10.7 images/s on 2 unloaded cores (~6.5 min of training). The last line printed is
-a JSON object with every figure.
+Measured with the defaults (550 steps, lr cut at 450), seed 0, on the 2 cores of the
+development machine shared with other jobs (load 4-6, nice 19): segm AP 0.458 / AP50 0.652,
+bbox AP 0.469 / AP50 0.673, 0.95 images/s (78 min of training). images/s follows the
+machine's load; the APs do not. ``--quick`` (60 steps, 240/50 images) is a smoke run: its
+APs are near zero. The last line printed is a JSON object with every figure.
 """
 
 from __future__ import annotations
