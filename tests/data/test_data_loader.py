@@ -5,13 +5,13 @@ import tarfile
 
 import pytest
 import torch
-from data_helpers import TRAIN_IMAGES, VAL_IMAGES, load_json
+from data_helpers import TRAIN_IMAGES, VAL_IMAGES, load_json, train_loader
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from pipeline.config import Config
 from pipeline.data.eval_loader import build_val_loader
-from pipeline.data.loader import ShardTrainLoader, build_train_loader
+from pipeline.data.loader import build_train_loader
 from pipeline.data.transforms import (
     make_example,
     pack_batch,
@@ -24,15 +24,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning"),
 ]
-
-
-def train_loader(shards, **overrides) -> ShardTrainLoader:
-    options = dict(
-        rank=0, world_size=1, batch_size=2, num_workers=0, min_sizes=[64, 80], max_size=120,
-        shuffle_buffer=8, seed=5,
-    )  # fmt: skip
-    options.update(overrides)
-    return ShardTrainLoader(str(shards), **options)
 
 
 def assert_batches_equal(a, b):

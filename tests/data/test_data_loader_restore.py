@@ -10,25 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import TRAIN_IMAGES, load_json
+from data_helpers import TRAIN_IMAGES, load_json, train_loader
 
 import pipeline.data.shard_reader as shard_reader_module
-from pipeline.data.loader import CountingHandler, SampleDecodeError, ShardReader, ShardTrainLoader
+from pipeline.data.loader import CountingHandler, SampleDecodeError, ShardReader
 from pipeline.data.manifest import read_manifest
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning"),
 ]
-
-
-def train_loader(shards, **overrides) -> ShardTrainLoader:
-    options = dict(
-        rank=0, world_size=1, batch_size=2, num_workers=0, min_sizes=[64, 80], max_size=120,
-        shuffle_buffer=8, seed=5,
-    )  # fmt: skip
-    options.update(overrides)
-    return ShardTrainLoader(str(shards), **options)
 
 
 def by_position(loader, batches: int | None = None) -> dict:
