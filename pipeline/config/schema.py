@@ -211,7 +211,9 @@ class TrainConfig:
     clip_grad_norm: float = 0.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     amp: Literal["off", "bf16", "fp16"] = "off"
-    """Mixed precision: autocast in bf16 or fp16 (fp16 with a grad scaler, CUDA only)."""
+    """Mixed precision: autocast in bf16 or fp16 (fp16 with a grad scaler, CUDA only). On a
+    CPU, bf16 pays off only with AVX512-BF16 or AMX; elsewhere it is slower than off (a
+    warning says so)."""
     checkpoint_every: int = 500
     """Save a checkpoint every this many steps (and always at the end)."""
     keep_checkpoints: int = 3
