@@ -24,8 +24,9 @@ development machine shared with other jobs (load 4-6, nice 19): segm AP 0.458 / 
 bbox AP 0.469 / AP50 0.673, 0.95 images/s (78 min of training). images/s follows the
 machine's load; the APs do not. On the same machine idle, ``--steps 300 --lr-step 246``
 gave segm AP 0.260 / AP50 0.443 at 5.43 images/s; our model in this script's loop with the
-same 128/128 sampling gave 0.264 / 0.459 at 8.84 images/s (2026-11-30). ``--quick`` (60 steps, 240/50 images) is a smoke run: its
-APs are near zero. The last line printed is a JSON object with every figure.
+same 128/128 sampling gave 0.264 / 0.459 at 8.84 images/s (2026-11-30). ``--quick`` (60
+steps, 240/50 images) is a smoke run: its APs are near zero. The last line printed is a
+JSON object with every figure.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pipeline.engine import strategy
 
 
 def test_unknown_amp_and_cpu_fp16_are_config_errors():
-    with pytest.raises(ConfigError, match="train.amp='half'"):
+    with pytest.raises(ConfigError, match=r"train\.amp='half'"):
         strategy.check_amp("half", torch.device("cpu"))
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         strategy.check_amp("fp16", torch.device("cpu"))
