@@ -12,6 +12,10 @@ import torchvision
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# The five losses Mask R-CNN returns in training.
+LOSS_NAMES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+
+
 def make_torchvision_maskrcnn(
     num_classes: int = 91, seed: int = 0, min_size: int = 256, max_size: int = 320
 ) -> torch.nn.Module:

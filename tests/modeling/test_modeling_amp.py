@@ -10,11 +10,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from modeling_helpers import tiny_batch, tiny_config
+from modeling_helpers import LOSS_NAMES, tiny_batch, tiny_config
 
 from pipeline.modeling import build_model
-
-LOSS_NAMES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
 
 
 def bf16_autocast(enabled: bool = True):

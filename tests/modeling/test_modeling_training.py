@@ -7,12 +7,10 @@ import time
 
 import pytest
 import torch
-from modeling_helpers import synthetic_batch
+from modeling_helpers import LOSS_NAMES, synthetic_batch
 
 from pipeline.config import load_config
 from pipeline.modeling import build_model
-
-LOSS_NAMES = {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
 
 
 def small_config(**overrides):
