@@ -149,9 +149,11 @@ void for_each_plane(const SamplingPlan<T, kTaps>& plan, int64_t num_levels, int6
   std::atomic<int64_t> next_plane{0};
   at::parallel_for(0, threads_for(plan.num_samples * channels), 1, [&](int64_t, int64_t) {
     for (int64_t p = next_plane++; p < num_planes; p = next_plane++) {
-      // Channel-major: concurrent threads work on the same channel's levels and images.
-      const int64_t channel = p / num_groups;
-      const int64_t group = p % num_groups;
+      // Group-major: one (level, image)'s channels one after another, so that the metadata of
+      // the group's RoIs and their output rows (channel c's bins share cache lines with channel
+      // c + 1's) stay in cache from one channel to the next.
+      const int64_t group = p / channels;
+      const int64_t channel = p % channels;
       if (group_start[group] == group_start[group + 1]) continue;
       fn(group, group / batch_size, group % batch_size, channel);
     }

@@ -137,6 +137,160 @@ inline void pool_roi_plane_f32(const float* __restrict plane, int64_t width,
   }
 }
 
+// Bilinear pooling vectorised across bins: the four lanes are four neighbouring bins of an output
+// row, at the same sample of each bin. A lane computes exactly torchvision's sample value,
+// ((w1*v1 + w2*v2) + w3*v3) + w4*v4, and adds the samples of its bin in torchvision's order, so
+// the result stays bit-identical, while no horizontal sums are needed: each sample costs a
+// quarter of eight pair loads, four shuffles and eight vector products and sums.
+//
+// A ColumnQuad holds the column windows of one sample column (ix) of four neighbouring bins.
+// Sample columns outside the map read a static zero pair with zero weights (in RoIs flagged as
+// having such columns), so they add nothing, as the skipped samples of the generic path. Lanes
+// past the row's last bin read column 0 with zero weights and are never stored.
+struct ColumnQuad {
+  f32x4 weight0;  // weight of column `start`, per lane
+  f32x4 weight1;  // weight of column `start + 1`
+  int start[4];   // -1: the lane's sample column is outside the map
+};
+
+inline int quads_per_row(int pooled_w) { return (pooled_w + 3) / 4; }
+
+// Every RoI's column quads (quads[offset[k] ..], quads_per_row x grid_w of them, row-major),
+// and for each RoI whether all its lanes lie on the map.
+struct QuadPlan {
+  std::vector<ColumnQuad> quads;
+  std::vector<int64_t> offset;
+  std::vector<char> all_on_map;
+  std::vector<int> first_column;  // the columns RoI k reads: first_column[k] .. last_column[k]
+  std::vector<int> last_column;
+};
+
+template <typename P>
+QuadPlan column_quads(const SamplingPlan<float, 2>& plan,
+                      const std::vector<LevelPlanes<P>>& levels, int pooled_w) {
+  const int64_t num_rois = static_cast<int64_t>(plan.windows.size());
+  const int num_quads = quads_per_row(pooled_w);
+  QuadPlan qp;
+  qp.offset.resize(num_rois + 1, 0);
+  qp.all_on_map.resize(num_rois, 1);
+  qp.first_column.resize(num_rois, 0);
+  qp.last_column.resize(num_rois, -1);
+  for (int64_t k = 0; k < num_rois; ++k) {
+    qp.offset[k + 1] = qp.offset[k] + num_quads * std::max(plan.windows[k].grid_w, 0);
+  }
+  qp.quads.resize(qp.offset[num_rois]);
+  for (int64_t k = 0; k < num_rois; ++k) {  // serial: cheap, see make_sampling_plan
+    const int grid_w = plan.windows[k].grid_w;
+    const int64_t width = levels[plan.roi_level[k]].width;
+    const AxisTaps<float, 2>* tx = plan.x_taps.data() + plan.x_offset[k];
+    for (int q = 0; q < num_quads; ++q) {
+      for (int ix = 0; ix < grid_w; ++ix) {
+        ColumnQuad& quad = qp.quads[qp.offset[k] + q * grid_w + ix];
+        for (int lane = 0; lane < 4; ++lane) {
+          const int pw = 4 * q + lane;
+          ColumnWindow<2> window{};  // past the last bin: column 0, weight 0, never stored
+          if (pw < pooled_w) window = column_window<2>(tx[pw * grid_w + ix], width);
+          if (window.start < 0) qp.all_on_map[k] = 0;
+          if (pw < pooled_w && window.start >= 0) {
+            const bool first = qp.last_column[k] < 0;
+            qp.first_column[k] = first ? window.start : std::min(qp.first_column[k], window.start);
+            qp.last_column[k] = std::max(qp.last_column[k], window.start + 1);
+          }
+          quad.weight0[lane] = window.weight[0];
+          quad.weight1[lane] = window.weight[1];
+          quad.start[lane] = window.start;
+        }
+      }
+    }
+  }
+  return qp;
+}
+
+template <int kLane>
+inline f32x4 lane_of_pair(f32x4 a, f32x4 b) {
+  return __builtin_shufflevector(a, b, kLane, kLane + 2, kLane + 4, kLane + 6);
+}
+
+// Asks for the rows of a RoI's window (its sample rows, first to last column) ahead of pooling
+// it: issued for the next RoI while the current one is pooled, the plane reads of a RoI then
+// mostly hit the L1 cache instead of waiting on the L2 cache one sample at a time.
+inline void prefetch_roi_window(const float* plane, int64_t width, const AxisTaps<float, 2>* ty,
+                                int num_rows, int first_column, int last_column) {
+  constexpr int kFloatsPerLine = 64 / sizeof(float);
+  int previous = -1;
+  for (int r = 0; r < num_rows; ++r) {
+    if (!ty[r].valid) continue;
+    for (int tap = 0; tap < 2; ++tap) {
+      const int y = ty[r].index[tap];
+      if (y == previous) continue;
+      previous = y;
+      const float* row = plane + y * width;
+      for (int x = first_column; x <= last_column; x += kFloatsPerLine) {
+        __builtin_prefetch(row + x, 0, 3);
+      }
+      __builtin_prefetch(row + last_column, 0, 3);
+    }
+  }
+}
+
+// Not inlined: inside the plane loop's lambda the compiler ran out of registers and spilled the
+// lane offsets to the stack on every sample; on its own it keeps them in registers.
+template <bool kAllOnMap, typename O>
+__attribute__((noinline)) void pool_roi_plane_bilinear(const float* __restrict plane, int64_t width,
+                                    const AxisTaps<float, 2>* __restrict ty,
+                                    const ColumnQuad* __restrict quads, int grid_h, int grid_w,
+                                    const CountDivisor<float>& divide_by_count, int pooled_h,
+                                    int pooled_w, O* __restrict out) {
+  alignas(16) static const float kZeroPair[2] = {0.0f, 0.0f};
+  const int num_quads = quads_per_row(pooled_w);
+  for (int ph = 0; ph < pooled_h; ++ph) {
+    for (int q = 0; q < num_quads; ++q) {
+      const ColumnQuad* cq = quads + q * grid_w;
+      f32x4 sum = {0, 0, 0, 0};
+      for (int iy = ph * grid_h; iy < (ph + 1) * grid_h; ++iy) {
+        const AxisTaps<float, 2>& row = ty[iy];
+        if (!row.valid) continue;
+        const float* low = plane + row.index[0] * width;
+        const float* high = plane + row.index[1] * width;
+        const float hy = row.weight[0], ly = row.weight[1];
+        for (int ix = 0; ix < grid_w; ++ix) {
+          const ColumnQuad& c = cq[ix];
+          f32x4 low01, low23, high01, high23;
+          if constexpr (kAllOnMap) {
+            const int s0 = c.start[0], s1 = c.start[1], s2 = c.start[2], s3 = c.start[3];
+            low01 = load_pairs(low + s0, low + s1);
+            high01 = load_pairs(high + s0, high + s1);
+            low23 = load_pairs(low + s2, low + s3);
+            high23 = load_pairs(high + s2, high + s3);
+          } else {
+            const float* a[4];
+            const float* b[4];
+            for (int lane = 0; lane < 4; ++lane) {
+              a[lane] = c.start[lane] < 0 ? kZeroPair : low + c.start[lane];
+              b[lane] = c.start[lane] < 0 ? kZeroPair : high + c.start[lane];
+            }
+            low01 = load_pairs(a[0], a[1]);
+            low23 = load_pairs(a[2], a[3]);
+            high01 = load_pairs(b[0], b[1]);
+            high23 = load_pairs(b[2], b[3]);
+          }
+          const f32x4 v1 = lane_of_pair<0>(low01, low23), v2 = lane_of_pair<1>(low01, low23);
+          const f32x4 v3 = lane_of_pair<0>(high01, high23), v4 = lane_of_pair<1>(high01, high23);
+          // torchvision's w1 = hy * hx, w2 = hy * lx, w3 = ly * hx, w4 = ly * lx.
+          f32x4 value = (hy * c.weight0) * v1 + (hy * c.weight1) * v2;
+          value = value + (ly * c.weight0) * v3;
+          value = value + (ly * c.weight1) * v4;
+          sum += value;
+        }
+      }
+      const int lanes = std::min(4, pooled_w - 4 * q);
+      for (int lane = 0; lane < lanes; ++lane) {
+        out[ph * pooled_w + 4 * q + lane] = static_cast<O>(divide_by_count(sum[lane]));
+      }
+    }
+  }
+}
+
 // Whether the vectorised paths apply: every level wide enough for the column windows, and an
 // output row that fits the bin accumulators.
 template <typename P>
@@ -187,7 +341,14 @@ template <int kTaps, typename S>
 void pool_forward_f32(const SamplingPlan<float, kTaps>& plan,
                       const std::vector<LevelPlanes<const S>>& levels, int64_t batch_size,
                       int64_t channels, int pooled_h, int pooled_w, S* out) {
-  const auto windows = column_windows(plan, levels, batch_size);
+  // Bilinear takes the across-bins loop (column quads); bicubic the per-sample window loop.
+  QuadPlan quad_plan;
+  std::vector<ColumnWindow<kTaps>> windows;
+  if constexpr (kTaps == 2) {
+    quad_plan = column_quads(plan, levels, pooled_w);
+  } else {
+    windows = column_windows(plan, levels, batch_size);
+  }
   const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
   for_each_plane(
       plan, levels.size(), batch_size, channels,
@@ -203,10 +364,30 @@ void pool_forward_f32(const SamplingPlan<float, kTaps>& plan,
         for (int64_t g = plan.group_start[group]; g < plan.group_start[group + 1]; ++g) {
           const int64_t k = plan.grouped_rois[g];
           const RoiWindow<float>& win = plan.windows[k];
-          pool_roi_plane_f32<kTaps, S>(plane, lv.width, plan.y_taps.data() + plan.y_offset[k],
-                                    windows.data() + plan.x_offset[k], win.grid_h, win.grid_w,
-                                    win.divide_by_count, pooled_h, pooled_w,
-                                    out + (k * channels + channel) * bins);
+          const AxisTaps<float, kTaps>* ty = plan.y_taps.data() + plan.y_offset[k];
+          S* roi_out = out + (k * channels + channel) * bins;
+          if constexpr (kTaps == 2) {
+            if (g + 1 < plan.group_start[group + 1]) {
+              const int64_t next = plan.grouped_rois[g + 1];
+              prefetch_roi_window(plane, lv.width, plan.y_taps.data() + plan.y_offset[next],
+                                  static_cast<int>(plan.y_offset[next + 1] - plan.y_offset[next]),
+                                  quad_plan.first_column[next], quad_plan.last_column[next]);
+            }
+            const ColumnQuad* quads = quad_plan.quads.data() + quad_plan.offset[k];
+            if (quad_plan.all_on_map[k]) {
+              pool_roi_plane_bilinear<true, S>(plane, lv.width, ty, quads, win.grid_h,
+                                               win.grid_w, win.divide_by_count, pooled_h,
+                                               pooled_w, roi_out);
+            } else {
+              pool_roi_plane_bilinear<false, S>(plane, lv.width, ty, quads, win.grid_h,
+                                                win.grid_w, win.divide_by_count, pooled_h,
+                                                pooled_w, roi_out);
+            }
+          } else {
+            pool_roi_plane_f32<kTaps, S>(plane, lv.width, ty, windows.data() + plan.x_offset[k],
+                                         win.grid_h, win.grid_w, win.divide_by_count, pooled_h,
+                                         pooled_w, roi_out);
+          }
         }
       });
 }

@@ -149,8 +149,9 @@ class ModelConfig:
     """Normalization of the box head (then 4 convolutions + 1 FC, detectron2's 4conv1fc) and
     of the mask head convolutions: none, or GroupNorm (32 groups)."""
     channels_last: bool = True
-    """Run the convolutions in channels_last (NHWC) memory format: faster on CPUs (oneDNN).
-    Numerics-neutral; set false if a device runs NCHW faster."""
+    """Run the convolutions in channels_last (NHWC) memory format: faster on CPUs (oneDNN;
+    on the CPU the weight gradients of 3x3 convolutions still come from NCHW, see
+    pipeline/modeling/conv.py). Numerics-neutral; set false if a device runs NCHW faster."""
 
 
 @dataclass

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .conv import Conv2d, conv2d
+
 # (block kind, blocks per stage) of each supported depth, as in torchvision.
 RESNET_SPECS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     18: ("basic", (2, 2, 2, 2)),
@@ -78,7 +80,7 @@ def conv_frozen_bn(x: Tensor, conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> Tensor:
     scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
     shift = bn.bias - bn.running_mean * scale
     weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def conv_norm(x: Tensor, conv: nn.Conv2d, norm: nn.Module) -> Tensor:
@@ -89,7 +91,7 @@ def conv_norm(x: Tensor, conv: nn.Conv2d, norm: nn.Module) -> Tensor:
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False)
+    return Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=False)
 
 
 class BasicBlock(nn.Module):
@@ -183,7 +185,7 @@ class ResNet(nn.Module):
             raise ValueError(f"unknown backbone norm {norm!r}; use one of {list(BACKBONE_NORMS)}")
         kind, blocks_per_stage = RESNET_SPECS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.conv1 = Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = make_norm(norm, 64)
         in_ch = 64
         self.out_channels: list[int] = []
@@ -240,7 +242,7 @@ class FeaturePyramid(nn.Module):
             nn.Conv2d(c, out_channels, 1, bias=bias) for c in in_channels
         )
         self.output_convs = nn.ModuleList(
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias) for _ in in_channels
+            Conv2d(out_channels, out_channels, 3, padding=1, bias=bias) for _ in in_channels
         )
         self.lateral_norms: nn.ModuleList | None = None
         self.output_norms: nn.ModuleList | None = None
@@ -275,7 +277,8 @@ class FeaturePyramid(nn.Module):
 
 class ResNetFPN(nn.Module):
     """ResNet body + FPN. ``channels_last`` runs the convolutions in NHWC, which oneDNN
-    executes faster on CPUs (BatchNorm and GroupNorm have NHWC kernels too)."""
+    executes faster on CPUs (BatchNorm and GroupNorm have NHWC kernels too), except for the
+    weight gradients of spatial kernels, which ``conv.conv2d`` computes in NCHW."""
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ from .boxes import (
     clip_boxes_to_image,
     nonsmall_box_mask,
 )
+from .conv import Conv2d
 from .losses import BoxLoss, average_across_ranks, box_regression_loss, sigmoid_focal_loss
 
 
@@ -82,7 +83,7 @@ class RPNHead(nn.Module):
         self, *, in_channels: int, num_anchors: int, objectness_bias_init: float = 0.0
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
+        self.conv = Conv2d(in_channels, in_channels, 3, padding=1)
         self.objectness = nn.Conv2d(in_channels, num_anchors, 1)
         self.box_deltas = nn.Conv2d(in_channels, 4 * num_anchors, 1)
         for conv in (self.conv, self.objectness, self.box_deltas):
