@@ -5,9 +5,17 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from pipeline.modeling import conv as conv_module
 from pipeline.modeling.conv import Conv2d, conv2d
 
 CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def small_maps_qualify(monkeypatch):
+    """Test-sized maps take the NCHW weight gradient (by default only large ones do)."""
+    monkeypatch.setattr(conv_module, "MIN_PIXELS", 1)
+    monkeypatch.setattr(conv_module, "MIN_CHANNELS", 1)
 
 
 def leaves(*shapes, dtype=torch.float32, seed=0):
@@ -56,6 +64,18 @@ def test_input_without_gradient():
     (grad_w,) = torch.autograd.grad(conv2d(x, w, None, 1, 1).sum(), (w,))
     (expected,) = torch.autograd.grad(F.conv2d(x, w, None, 1, 1).sum(), (w,))
     assert_close(grad_w, expected)
+
+
+def test_small_maps_and_few_channels_keep_conv2d(monkeypatch):
+    monkeypatch.setattr(conv_module, "MIN_PIXELS", 50)
+    monkeypatch.setattr(conv_module, "MIN_CHANNELS", 4)
+    (w,) = leaves((4, 4, 3, 3))
+    (w3,) = leaves((4, 3, 3, 3))
+    big, small = leaves((1, 4, 10, 5), (1, 4, 7, 7))
+    (narrow,) = leaves((1, 3, 10, 5))
+    assert type(conv2d(big, w, padding=1).grad_fn).__name__ == "_ConvNCHWWeightGradBackward"
+    assert type(conv2d(small, w, padding=1).grad_fn).__name__ == "ConvolutionBackward0"
+    assert type(conv2d(narrow, w3, padding=1).grad_fn).__name__ == "ConvolutionBackward0"
 
 
 def test_plain_conv2d_where_channels_last_is_not_slower():
