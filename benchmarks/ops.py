@@ -97,6 +97,17 @@ def build_cases(quick: bool) -> list[Case]:
             torch.equal,
         )
     )
+    # Each in the layout it runs fastest in: ours reads channels-last maps (what our model gives
+    # it), torchvision's kernels NCHW ones (what its model gives them).
+    cases.append(
+        Case(
+            "pooler fwd best layouts: ours NHWC, theirs NCHW",
+            3.0,
+            lambda: ops.multilevel_roi_align(nhwc, rois, 7, 2, aligned=False),
+            lambda: pooler(named(features), boxes, image_sizes),
+            torch.equal,
+        )
+    )
     leaves_ours = [f.detach().clone().requires_grad_() for f in nhwc]
     leaves_theirs = [f.detach().clone().requires_grad_() for f in nhwc]
     pooled_grad = torch.randn(rois.shape[0], channels, 7, 7)

@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_memory.h"
 #include "op_checks.h"
 #include "roi_align_cpu.h"
 #include "roi_align_cpu_f32.h"
@@ -61,7 +62,8 @@ at::Tensor pooled_forward(at::TensorList features, const at::Tensor& rois,
   const int64_t num_rois = rois.size(0);
   const int64_t batch_size = features[0].size(0);
   const int64_t channels = features[0].size(1);
-  at::Tensor out = at::empty({num_rois, channels, pooled_h, pooled_w}, features[0].options());
+  at::Tensor out =
+      cpu::empty_large({num_rois, channels, pooled_h, pooled_w}, features[0].options());
   if (out.numel() == 0) return out;
   for (const at::Tensor& f : features) {
     TORCH_CHECK(f.size(2) > 0 && f.size(3) > 0, "feature maps must be non-empty, got ", f.sizes());
@@ -122,8 +124,8 @@ std::vector<at::Tensor> pooled_backward(const at::Tensor& grad, const at::Tensor
       channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   std::vector<at::Tensor> grads;  // accumulated in the compute dtype
   for (size_t l = 0; l < heights.size(); ++l) {
-    grads.push_back(at::empty({batch_size, channels, heights[l], widths[l]},
-                              grad.options().dtype(compute), format)
+    grads.push_back(cpu::empty_large({batch_size, channels, heights[l], widths[l]},
+                                     grad.options().dtype(compute), format)
                         .zero_());
   }
   if (grad.numel() != 0) {

@@ -205,3 +205,26 @@ def test_argument_errors():
     assert torch.equal(ops.roi_align(x, good.double(), 2), ops.roi_align(x, good, 2))
     with pytest.raises(RuntimeError, match="batch index"):
         ops.roi_align(x, torch.tensor([[1, 1.0, 1, 5, 5]]), 2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_outputs_and_gradients_match_torchvision(device, channels_last):
+    """Outputs and gradients over 2 MB take huge-page buffers on the CPU (cpu_memory.h): the same
+    values as torchvision's, on ordinary pages."""
+    x = torch.randn(2, 64, 100, 136, device=device)  # 7 MB
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rois = to_rois(random_boxes(300, 400, 544, 8, 300), 2).to(device)  # output: 3.8 MB
+    grad = torch.randn(300, 64, 7, 7, device=device)
+    results = []
+    for fn in (ops.roi_align, torchvision.ops.roi_align):
+        x_ = x.clone().requires_grad_()
+        out = fn(x_, rois, 7, 0.25, 2, aligned=False)
+        out.backward(grad)
+        results.append((out, x_.grad))
+    (ours, ours_grad), (theirs, theirs_grad) = results
+    assert_matches_torchvision(ours, theirs, device)
+    if channels_last:  # sums in another order than torchvision's NCHW kernel
+        assert_close(ours_grad, theirs_grad, rtol=1e-5, atol=1e-5)
+    else:
+        assert_matches_torchvision(ours_grad, theirs_grad, device)
