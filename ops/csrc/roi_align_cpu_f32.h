@@ -90,49 +90,40 @@ inline f32x4 column_lanes(const ColumnWindow<kTaps>& window) {
 
 constexpr int kMaxVectorBins = 32;  // widest output row of the vectorised path
 
-// Pools one RoI from one float plane (cf. pool_roi_plane), one row of bins at a time: each sample
-// row's plane rows and weights are set up once and swept across all the bins of the row. O is the
-// output storage type (float, or float16/bfloat16 for reduced-precision features).
-template <int kTaps, typename O>
-inline void pool_roi_plane_f32(const float* __restrict plane, int64_t width,
-                               const AxisTaps<float, kTaps>* __restrict ty,
-                               const ColumnWindow<kTaps>* __restrict tx, int grid_h, int grid_w,
-                               const CountDivisor<float>& divide_by_count, int pooled_h,
-                               int pooled_w, O* __restrict out) {
+// Bicubic: pools one RoI from one float plane (cf. pool_roi_plane), one row of bins at a time:
+// each sample row's plane rows and weights are set up once and swept across all the bins of the
+// row, a window row per 4-wide vector. O is the output storage type (float, or float16/bfloat16
+// for reduced-precision features). Bilinear takes pool_roi_plane_bilinear below.
+template <typename O>
+inline void pool_roi_plane_bicubic(const float* __restrict plane, int64_t width,
+                                   const AxisTaps<float, 4>* __restrict ty,
+                                   const ColumnWindow<4>* __restrict tx, int grid_h, int grid_w,
+                                   const CountDivisor<float>& divide_by_count, int pooled_h,
+                                   int pooled_w, O* __restrict out) {
   f32x4 bin_sums[kMaxVectorBins];
   const int samples_per_row = pooled_w * grid_w;
   for (int ph = 0; ph < pooled_h; ++ph) {
     for (int pw = 0; pw < pooled_w; ++pw) bin_sums[pw] = f32x4{0, 0, 0, 0};
     for (int iy = 0; iy < grid_h; ++iy) {
-      const AxisTaps<float, kTaps>& row = ty[ph * grid_h + iy];
+      const AxisTaps<float, 4>& row = ty[ph * grid_h + iy];
       if (!row.valid) continue;
-      const float* row_ptr[kTaps];
-      for (int i = 0; i < kTaps; ++i) row_ptr[i] = plane + row.index[i] * width;
-      const f32x4 pair_lanes = {row.weight[0], row.weight[0], row.weight[1], row.weight[1]};
+      const float* row_ptr[4];
+      for (int i = 0; i < 4; ++i) row_ptr[i] = plane + row.index[i] * width;
       for (int s = 0, pw = 0; s < samples_per_row; s += grid_w, ++pw) {
         f32x4 sum = bin_sums[pw];
         for (int ix = s; ix < s + grid_w; ++ix) {
-          const ColumnWindow<kTaps>& col = tx[ix];
+          const ColumnWindow<4>& col = tx[ix];
           if (col.start < 0) continue;
           const f32x4 lanes = column_lanes(col);
-          if constexpr (kTaps == 2) {
-            // torchvision's w1*v1 + w2*v2 + w3*v3 + w4*v4, added in its order: bit-identical.
-            const f32x4 taps =
-                (pair_lanes * lanes) * load_pairs(row_ptr[0] + col.start, row_ptr[1] + col.start);
-            sum[0] += ((taps[0] + taps[1]) + taps[2]) + taps[3];
-          } else {
-            for (int i = 0; i < kTaps; ++i) {
-              sum += (row.weight[i] * lanes) * load_f32x4(row_ptr[i] + col.start);
-            }
+          for (int i = 0; i < 4; ++i) {
+            sum += (row.weight[i] * lanes) * load_f32x4(row_ptr[i] + col.start);
           }
         }
         bin_sums[pw] = sum;
       }
     }
     for (int pw = 0; pw < pooled_w; ++pw) {
-      // Bilinear sums went to lane 0 only (the others stay 0), in sample order.
-      out[ph * pooled_w + pw] = static_cast<O>(
-          divide_by_count(kTaps == 2 ? bin_sums[pw][0] : lane_sum(bin_sums[pw])));
+      out[ph * pooled_w + pw] = static_cast<O>(divide_by_count(lane_sum(bin_sums[pw])));
     }
   }
 }
@@ -384,15 +375,15 @@ void pool_forward_f32(const SamplingPlan<float, kTaps>& plan,
                                                 pooled_w, roi_out);
             }
           } else {
-            pool_roi_plane_f32<kTaps, S>(plane, lv.width, ty, windows.data() + plan.x_offset[k],
-                                         win.grid_h, win.grid_w, win.divide_by_count, pooled_h,
-                                         pooled_w, roi_out);
+            pool_roi_plane_bicubic<S>(plane, lv.width, ty, windows.data() + plan.x_offset[k],
+                                      win.grid_h, win.grid_w, win.divide_by_count, pooled_h,
+                                      pooled_w, roi_out);
           }
         }
       });
 }
 
-// The gradient of pool_roi_plane_f32 for one RoI and plane: each sample's taps receive
+// The gradient of the forward loops for one RoI and plane: each sample's taps receive
 // grad * (wy * wx) / count, as scatter_gradient does, a window row per vector read-modify-write.
 // Bilinear taps are added in scatter_gradient's order, so the result is bit-identical.
 template <int kTaps>

@@ -66,12 +66,9 @@ class _ConvNCHWWeightGrad(torch.autograd.Function):
         if need_x:
             g = grad_out.contiguous(memory_format=_CHANNELS_LAST)
             grad_x = conv_backward(g, x, weight, [True, False, False])[0]
-        if need_w or (need_b and ctx.has_bias):
+        if need_w or need_b:  # need_b is False without a bias
             _, grad_w, grad_b = conv_backward(
-                grad_out.contiguous(),
-                x.contiguous(),
-                weight.contiguous(),
-                [False, need_w, need_b and ctx.has_bias],
+                grad_out.contiguous(), x.contiguous(), weight.contiguous(), [False, need_w, need_b]
             )
             if grad_w is not None and weight.is_contiguous(memory_format=_CHANNELS_LAST):
                 grad_w = grad_w.contiguous(memory_format=_CHANNELS_LAST)  # as the parameter
