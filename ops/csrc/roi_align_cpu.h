@@ -136,26 +136,62 @@ SamplingPlan<T, kTaps> make_sampling_plan(const T* rois, const int64_t* roi_leve
   return plan;
 }
 
-// Calls fn(group, level, batch, channel) for every (level, batch, channel) plane that some RoI
-// reads, in parallel, each plane on exactly one thread. The threads take planes one at a time from
-// a shared counter rather than fixed halves of the list: on a loaded machine a thread that gets
-// less CPU time then simply does fewer planes instead of holding everyone up at the end.
+// One (level, image, channel) feature plane, as for_each_plane hands it out.
+struct PlaneTask {
+  int64_t group;  // level * batch_size + batch: the plane's RoIs are the plan's group
+  int64_t level;
+  int64_t batch;
+  int64_t channel;
+  bool first;  // the first plane of its thread: no earlier call could have prefetched it
+};
+
+// The RoIs of a plane's group.
+template <typename T, int kTaps>
+inline int64_t rois_of(const SamplingPlan<T, kTaps>& plan, const PlaneTask& task) {
+  return plan.group_start[task.group + 1] - plan.group_start[task.group];
+}
+
+// The first value of `task`'s plane in `levels` (NCHW planes).
+template <typename P>
+inline P* plane_data(const std::vector<LevelPlanes<P>>& levels, const PlaneTask& task,
+                     int64_t channels) {
+  const LevelPlanes<P>& lv = levels[task.level];
+  return lv.data + (task.batch * channels + task.channel) * lv.height * lv.width;
+}
+
+// Calls fn(task, next) for every (level, batch, channel) plane that some RoI reads, in parallel,
+// each plane on exactly one thread. `next` is the plane the same thread pools after `task` (null
+// after its last), claimed before `task` is pooled so that fn can prefetch it meanwhile. The
+// threads claim planes one at a time from a shared counter rather than fixed halves of the list:
+// on a loaded machine a thread that gets less CPU time then simply does fewer planes instead of
+// holding everyone up at the end.
 template <typename T, int kTaps, typename Fn>
 void for_each_plane(const SamplingPlan<T, kTaps>& plan, int64_t num_levels, int64_t batch_size,
                     int64_t channels, Fn&& fn) {
   const std::vector<int64_t>& group_start = plan.group_start;
-  const int64_t num_groups = num_levels * batch_size;
-  const int64_t num_planes = channels * num_groups;
+  const int64_t num_planes = channels * num_levels * batch_size;
   std::atomic<int64_t> next_plane{0};
-  at::parallel_for(0, threads_for(plan.num_samples * channels), 1, [&](int64_t, int64_t) {
+  // Group-major: one (level, image)'s channels one after another, so that the metadata of the
+  // group's RoIs and their output rows (channel c's bins share cache lines with channel c + 1's)
+  // stay in cache from one channel to the next.
+  auto claim = [&]() {
     for (int64_t p = next_plane++; p < num_planes; p = next_plane++) {
-      // Group-major: one (level, image)'s channels one after another, so that the metadata of
-      // the group's RoIs and their output rows (channel c's bins share cache lines with channel
-      // c + 1's) stay in cache from one channel to the next.
       const int64_t group = p / channels;
-      const int64_t channel = p % channels;
-      if (group_start[group] == group_start[group + 1]) continue;
-      fn(group, group / batch_size, group % batch_size, channel);
+      if (group_start[group] != group_start[group + 1]) return p;  // skips planes no RoI reads
+    }
+    return num_planes;
+  };
+  auto task_of = [&](int64_t p, bool first) {
+    const int64_t group = p / channels;
+    return PlaneTask{group, group / batch_size, group % batch_size, p % channels, first};
+  };
+  at::parallel_for(0, threads_for(plan.num_samples * channels), 1, [&](int64_t, int64_t) {
+    bool first = true;
+    for (int64_t p = claim(); p < num_planes; first = false) {
+      const int64_t q = claim();
+      const PlaneTask next = task_of(q, false);
+      fn(task_of(p, first), q < num_planes ? &next : nullptr);
+      p = q;
     }
   });
 }
@@ -210,17 +246,18 @@ void pool_forward(const SamplingPlan<T, kTaps>& plan,
   const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
   for_each_plane(
       plan, levels.size(), batch_size, channels,
-      [&](int64_t group, int64_t level, int64_t batch, int64_t channel) {
-        const LevelPlanes<const S>& lv = levels[level];
+      [&](const PlaneTask& task, const PlaneTask*) {
+        const LevelPlanes<const S>& lv = levels[task.level];
         const int64_t size = lv.height * lv.width;
-        const T* plane = plane_as<T>(lv.data + (batch * channels + channel) * size, size);
-        for (int64_t g = plan.group_start[group]; g < plan.group_start[group + 1]; ++g) {
+        const T* plane = plane_as<T>(plane_data(levels, task, channels), size);
+        for (int64_t g = plan.group_start[task.group]; g < plan.group_start[task.group + 1];
+             ++g) {
           const int64_t k = plan.grouped_rois[g];
           const RoiWindow<T>& win = plan.windows[k];
           pool_roi_plane<T, kTaps>(plane, lv.width, plan.y_taps.data() + plan.y_offset[k],
                                    plan.x_taps.data() + plan.x_offset[k], win.grid_h,
                                    win.grid_w, win.divide_by_count, pooled_h, pooled_w,
-                                   out + (k * channels + channel) * bins);
+                                   out + (k * channels + task.channel) * bins);
         }
       });
 }
@@ -233,16 +270,17 @@ void pool_backward(const SamplingPlan<T, kTaps>& plan, const std::vector<LevelPl
   const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
   for_each_plane(
       plan, levels.size(), batch_size, channels,
-      [&](int64_t group, int64_t level, int64_t batch, int64_t channel) {
-        const LevelPlanes<T>& lv = levels[level];
-        T* plane = lv.data + (batch * channels + channel) * lv.height * lv.width;
+      [&](const PlaneTask& task, const PlaneTask*) {
+        const LevelPlanes<T>& lv = levels[task.level];
+        T* plane = plane_data(levels, task, channels);
         auto add = [plane](int64_t offset, T value) { plane[offset] += value; };
-        for (int64_t g = plan.group_start[group]; g < plan.group_start[group + 1]; ++g) {
+        for (int64_t g = plan.group_start[task.group]; g < plan.group_start[task.group + 1];
+             ++g) {
           const int64_t k = plan.grouped_rois[g];
           const RoiWindow<T>& win = plan.windows[k];
           const AxisTaps<T, kTaps>* ty = plan.y_taps.data() + plan.y_offset[k];
           const AxisTaps<T, kTaps>* tx = plan.x_taps.data() + plan.x_offset[k];
-          const T* bin_grad = grad_out + (k * channels + channel) * bins;
+          const T* bin_grad = grad_out + (k * channels + task.channel) * bins;
           for (int ph = 0; ph < pooled_h; ++ph) {
             for (int pw = 0; pw < pooled_w; ++pw) {
               const T grad = bin_grad[ph * pooled_w + pw];

@@ -310,21 +310,48 @@ std::vector<ColumnWindow<kTaps>> column_windows(const SamplingPlan<float, kTaps>
   return windows;
 }
 
-// Asks for a whole plane ahead of the scattered accesses of its RoIs: a plane comes from main
-// memory, and fetching it in order is faster than missing on every sample. Only for planes that
-// fit in the L2 cache and that several RoIs share (a large plane read by one small RoI, like a
+// Fetches a feature (or gradient) plane into the cache ahead of the scattered accesses of its
+// RoIs: a plane comes from main memory, and missing on every sample costs twice the pooling
+// itself. The plane a thread pools next is streamed in slice by slice, one slice per RoI of the
+// current plane (`step`), so the fetch overlaps the current plane's work and stays within the
+// core's outstanding misses (a burst of thousands of prefetches is partly dropped). A thread's
+// first plane is fetched whole before use. Only for planes that fit in the L2 cache and that
+// several RoIs share (a large plane read by one small RoI, like a
 // full-image mask, would be fetched mostly for nothing).
 template <int kForWriting>
-inline void prefetch_plane(const float* plane, int64_t size, int64_t num_rois) {
-  constexpr int64_t kMaxPrefetchBytes = 512 * 1024;
-  constexpr int64_t kMinRois = 4;
-  if (size * static_cast<int64_t>(sizeof(float)) > kMaxPrefetchBytes || num_rois < kMinRois) {
-    return;
+class PlaneStream {
+ public:
+  PlaneStream() = default;
+  // Slices of `plane` for `steps` calls of step(); a null plane or one not worth it: none.
+  PlaneStream(const float* plane, int64_t size, int64_t num_rois, int64_t steps) {
+    constexpr int64_t kMaxBytes = 512 * 1024;
+    constexpr int64_t kMinRois = 4;
+    if (plane == nullptr || size * static_cast<int64_t>(sizeof(float)) > kMaxBytes ||
+        num_rois < kMinRois || steps < 1) {
+      return;
+    }
+    plane_ = plane;
+    lines_ = (size + kFloatsPerLine - 1) / kFloatsPerLine;
+    lines_per_step_ = (lines_ + steps - 1) / steps;
   }
-  for (int64_t i = 0; i < size; i += 64 / sizeof(float)) {
-    __builtin_prefetch(plane + i, kForWriting, 2);
+  void step() {
+    const int64_t end = std::min(lines_, next_line_ + lines_per_step_);
+    for (; next_line_ < end; ++next_line_) {
+      __builtin_prefetch(plane_ + next_line_ * kFloatsPerLine, kForWriting, 2);
+    }
   }
-}
+  void all() {
+    lines_per_step_ = lines_;
+    step();
+  }
+
+ private:
+  static constexpr int64_t kFloatsPerLine = 64 / sizeof(float);
+  const float* plane_ = nullptr;
+  int64_t lines_ = 0;
+  int64_t lines_per_step_ = 0;
+  int64_t next_line_ = 0;
+};
 
 // pool_forward for float32 computation (features stored as S: float, float16 or bfloat16), where
 // fits_column_windows.
@@ -343,26 +370,35 @@ void pool_forward_f32(const SamplingPlan<float, kTaps>& plan,
   const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
   for_each_plane(
       plan, levels.size(), batch_size, channels,
-      [&](int64_t group, int64_t level, int64_t batch, int64_t channel) {
-        const LevelPlanes<const S>& lv = levels[level];
+      [&](const PlaneTask& task, const PlaneTask* next) {
+        const LevelPlanes<const S>& lv = levels[task.level];
         const int64_t size = lv.height * lv.width;
-        const S* stored = lv.data + (batch * channels + channel) * size;
-        if constexpr (std::is_same_v<S, float>) {
-          prefetch_plane</*kForWriting=*/0>(stored, size,
-                                             plan.group_start[group + 1] - plan.group_start[group]);
+        const S* stored = plane_data(levels, task, channels);
+        const int64_t num_rois = rois_of(plan, task);
+        PlaneStream</*kForWriting=*/0> next_stream;
+        if constexpr (std::is_same_v<S, float>) {  // reduced-precision planes are copied in order
+          if (task.first) PlaneStream<0>(stored, size, num_rois, 1).all();
+          if (next != nullptr) {
+            const LevelPlanes<const S>& next_lv = levels[next->level];
+            next_stream = PlaneStream<0>(plane_data(levels, *next, channels),
+                                         next_lv.height * next_lv.width, rois_of(plan, *next),
+                                         num_rois);
+          }
         }
         const float* plane = plane_as<float>(stored, size);
-        for (int64_t g = plan.group_start[group]; g < plan.group_start[group + 1]; ++g) {
+        for (int64_t g = plan.group_start[task.group]; g < plan.group_start[task.group + 1];
+             ++g) {
+          next_stream.step();
           const int64_t k = plan.grouped_rois[g];
           const RoiWindow<float>& win = plan.windows[k];
           const AxisTaps<float, kTaps>* ty = plan.y_taps.data() + plan.y_offset[k];
-          S* roi_out = out + (k * channels + channel) * bins;
+          S* roi_out = out + (k * channels + task.channel) * bins;
           if constexpr (kTaps == 2) {
-            if (g + 1 < plan.group_start[group + 1]) {
-              const int64_t next = plan.grouped_rois[g + 1];
-              prefetch_roi_window(plane, lv.width, plan.y_taps.data() + plan.y_offset[next],
-                                  static_cast<int>(plan.y_offset[next + 1] - plan.y_offset[next]),
-                                  quad_plan.first_column[next], quad_plan.last_column[next]);
+            if (g + 1 < plan.group_start[task.group + 1]) {
+              const int64_t after = plan.grouped_rois[g + 1];
+              prefetch_roi_window(plane, lv.width, plan.y_taps.data() + plan.y_offset[after],
+                                  static_cast<int>(plan.y_offset[after + 1] - plan.y_offset[after]),
+                                  quad_plan.first_column[after], quad_plan.last_column[after]);
             }
             const ColumnQuad* quads = quad_plan.quads.data() + quad_plan.offset[k];
             if (quad_plan.all_on_map[k]) {
@@ -438,18 +474,28 @@ void pool_backward_f32(const SamplingPlan<float, kTaps>& plan,
   const int64_t bins = static_cast<int64_t>(pooled_h) * pooled_w;
   for_each_plane(
       plan, levels.size(), batch_size, channels,
-      [&](int64_t group, int64_t level, int64_t batch, int64_t channel) {
-        const LevelPlanes<float>& lv = levels[level];
-        float* plane = lv.data + (batch * channels + channel) * lv.height * lv.width;
-        prefetch_plane</*kForWriting=*/1>(plane, lv.height * lv.width,
-                                           plan.group_start[group + 1] - plan.group_start[group]);
-        for (int64_t g = plan.group_start[group]; g < plan.group_start[group + 1]; ++g) {
+      [&](const PlaneTask& task, const PlaneTask* next) {
+        const LevelPlanes<float>& lv = levels[task.level];
+        float* plane = plane_data(levels, task, channels);
+        const int64_t size = lv.height * lv.width;
+        const int64_t num_rois = rois_of(plan, task);
+        if (task.first) PlaneStream</*kForWriting=*/1>(plane, size, num_rois, 1).all();
+        PlaneStream</*kForWriting=*/1> next_stream;
+        if (next != nullptr) {
+          const LevelPlanes<float>& next_lv = levels[next->level];
+          next_stream = PlaneStream<1>(plane_data(levels, *next, channels),
+                                       next_lv.height * next_lv.width, rois_of(plan, *next),
+                                       num_rois);
+        }
+        for (int64_t g = plan.group_start[task.group]; g < plan.group_start[task.group + 1];
+             ++g) {
+          next_stream.step();
           const int64_t k = plan.grouped_rois[g];
           const RoiWindow<float>& win = plan.windows[k];
           unpool_roi_plane_f32<kTaps>(plane, lv.width, plan.y_taps.data() + plan.y_offset[k],
                                       windows.data() + plan.x_offset[k], win.grid_h, win.grid_w,
                                       win.divide_by_count, pooled_h, pooled_w,
-                                      grad_out + (k * channels + channel) * bins);
+                                      grad_out + (k * channels + task.channel) * bins);
         }
       });
 }

@@ -88,6 +88,45 @@ def test_backward_matches_multiscale_roi_align(device):
             assert_close(ours.grad, theirs.grad)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_threads_give_the_one_thread_result(channels_last):
+    """Planes split over threads (each claiming its next plane ahead to prefetch it) give exactly
+    the one-thread result, forward and backward, with an image and levels that no RoI reads."""
+    features = make_pyramid("cpu", batch=3, channels=64)
+    if channels_last:
+        features = [f.contiguous(memory_format=torch.channels_last) for f in features]
+    rois = make_rois("cpu", n=300, batch=2)
+    rois[:, 0] *= 2  # images 0 and 2: image 1's planes are skipped
+    rois = rois[(rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]) < 220**2]  # no P5
+    grad = torch.randn(len(rois), 64, 7, 7)
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            leaves = [f.detach().clone().requires_grad_() for f in features]
+            out = ops.multilevel_roi_align(leaves, rois, 7, 2, aligned=False)
+            out.backward(grad)
+            results.append((out, [f.grad for f in leaves]))
+    finally:
+        torch.set_num_threads(previous)
+    leaves = [f.detach().clone().requires_grad_() for f in features]
+    pooler = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    boxes = [rois[rois[:, 0] == i, 1:] for i in range(3)]
+    theirs = pooler(OrderedDict((str(i), f) for i, f in enumerate(leaves)), boxes, [(256, 320)] * 3)
+    theirs.backward(grad[torch.cat([torch.nonzero(rois[:, 0] == i)[:, 0] for i in range(3)])])
+    (one, one_grads), (two, two_grads) = results
+    assert torch.equal(one, two)
+    assert torch.equal(two[rois[:, 0].argsort(stable=True)], theirs)
+    for a, b, c in zip(one_grads, two_grads, leaves, strict=True):
+        assert torch.equal(a, b)
+        if channels_last:  # sums in another order than torchvision's NCHW kernel
+            assert_close(b, c.grad, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(b, c.grad)
+    assert one_grads[3].abs().sum() == 0 and one_grads[0][1].abs().sum() == 0
+
+
 def test_equals_roi_align_per_level(device):
     features, rois = make_pyramid(device), make_rois(device)
     ours = ops.multilevel_roi_align(features, rois, 4, 2)
