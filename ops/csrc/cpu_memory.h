@@ -1,4 +1,5 @@
-// Fresh CPU buffers for the kernels' large outputs, backed by transparent huge pages.
+// CPU memory helpers of the kernels: fresh buffers for large outputs, backed by transparent huge
+// pages (empty_large), and planes streamed into the cache ahead of use (PlaneStream).
 //
 // A pooled output or a P2-P5 gradient is tens of MB that the allocator takes from the OS on every
 // call (glibc serves blocks over 32 MB with a fresh mmap), and the first write to each 4 KB page
@@ -10,6 +11,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #ifdef __linux__
@@ -36,6 +38,49 @@ inline at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& op
 #endif
   return t;
 }
+
+// Fetches a feature (or gradient) plane into the cache ahead of the scattered accesses of its
+// RoIs: a plane comes from main memory, and missing on every sample costs twice the pooling
+// itself. The plane a thread pools next is streamed in slice by slice, one slice per RoI of the
+// current plane (`step`), so the fetch overlaps the current plane's work and stays within the
+// core's outstanding misses (a burst of thousands of prefetches is partly dropped). A thread's
+// first plane is fetched whole before use. Only for planes that fit in the L2 cache and that
+// several RoIs share (a large plane read by one small RoI, like a full-image mask, would be
+// fetched mostly for nothing).
+template <int kForWriting>
+class PlaneStream {
+ public:
+  PlaneStream() = default;
+  // Slices of `plane` for `steps` calls of step(); a null plane or one not worth it: none.
+  PlaneStream(const float* plane, int64_t size, int64_t num_rois, int64_t steps) {
+    constexpr int64_t kMaxBytes = 512 * 1024;
+    constexpr int64_t kMinRois = 4;
+    if (plane == nullptr || size * static_cast<int64_t>(sizeof(float)) > kMaxBytes ||
+        num_rois < kMinRois || steps < 1) {
+      return;
+    }
+    plane_ = plane;
+    lines_ = (size + kFloatsPerLine - 1) / kFloatsPerLine;
+    lines_per_step_ = (lines_ + steps - 1) / steps;
+  }
+  void step() {
+    const int64_t end = std::min(lines_, next_line_ + lines_per_step_);
+    for (; next_line_ < end; ++next_line_) {
+      __builtin_prefetch(plane_ + next_line_ * kFloatsPerLine, kForWriting, 2);
+    }
+  }
+  void all() {
+    lines_per_step_ = lines_;
+    step();
+  }
+
+ private:
+  static constexpr int64_t kFloatsPerLine = 64 / sizeof(float);
+  const float* plane_ = nullptr;
+  int64_t lines_ = 0;
+  int64_t lines_per_step_ = 0;
+  int64_t next_line_ = 0;
+};
 
 }  // namespace cpu
 }  // namespace maskrcnn_ops
