@@ -51,12 +51,12 @@ template <int kForWriting>
 class PlaneStream {
  public:
   PlaneStream() = default;
-  // Slices of `plane` for `steps` calls of step(); a null plane or one not worth it: none.
+  // Slices of `plane` for `steps` calls of step(); a plane not worth it: none.
   PlaneStream(const float* plane, int64_t size, int64_t num_rois, int64_t steps) {
     constexpr int64_t kMaxBytes = 512 * 1024;
     constexpr int64_t kMinRois = 4;
-    if (plane == nullptr || size * static_cast<int64_t>(sizeof(float)) > kMaxBytes ||
-        num_rois < kMinRois || steps < 1) {
+    if (size * static_cast<int64_t>(sizeof(float)) > kMaxBytes || num_rois < kMinRois ||
+        steps < 1) {
       return;
     }
     plane_ = plane;
@@ -68,10 +68,6 @@ class PlaneStream {
     for (; next_line_ < end; ++next_line_) {
       __builtin_prefetch(plane_ + next_line_ * kFloatsPerLine, kForWriting, 2);
     }
-  }
-  void all() {
-    lines_per_step_ = lines_;
-    step();
   }
 
  private:

@@ -311,6 +311,26 @@ std::vector<ColumnWindow<kTaps>> column_windows(const SamplingPlan<float, kTaps>
   return windows;
 }
 
+// The cache fetches around pooling `task`'s plane (see PlaneStream): the plane itself, whole, if
+// it is its thread's first (no earlier plane streamed it in), and the stream of `next`'s plane
+// over `task`'s RoIs.
+template <int kForWriting, int kTaps, typename P>
+PlaneStream<kForWriting> stream_planes(const SamplingPlan<float, kTaps>& plan,
+                                       const std::vector<LevelPlanes<P>>& levels,
+                                       int64_t channels, const PlaneTask& task,
+                                       const PlaneTask* next) {
+  const int64_t num_rois = rois_of(plan, task);
+  if (task.first) {
+    const LevelPlanes<P>& lv = levels[task.level];
+    PlaneStream<kForWriting>(plane_data(levels, task, channels), lv.height * lv.width, num_rois, 1)
+        .step();
+  }
+  if (next == nullptr) return {};
+  const LevelPlanes<P>& next_lv = levels[next->level];
+  return PlaneStream<kForWriting>(plane_data(levels, *next, channels),
+                                  next_lv.height * next_lv.width, rois_of(plan, *next), num_rois);
+}
+
 // pool_forward for float32 computation (features stored as S: float, float16 or bfloat16), where
 // fits_column_windows.
 template <int kTaps, typename S>
@@ -332,16 +352,9 @@ void pool_forward_f32(const SamplingPlan<float, kTaps>& plan,
         const LevelPlanes<const S>& lv = levels[task.level];
         const int64_t size = lv.height * lv.width;
         const S* stored = plane_data(levels, task, channels);
-        const int64_t num_rois = rois_of(plan, task);
         PlaneStream</*kForWriting=*/0> next_stream;
         if constexpr (std::is_same_v<S, float>) {  // reduced-precision planes are copied in order
-          if (task.first) PlaneStream<0>(stored, size, num_rois, 1).all();
-          if (next != nullptr) {
-            const LevelPlanes<const S>& next_lv = levels[next->level];
-            next_stream = PlaneStream<0>(plane_data(levels, *next, channels),
-                                         next_lv.height * next_lv.width, rois_of(plan, *next),
-                                         num_rois);
-          }
+          next_stream = stream_planes<0>(plan, levels, channels, task, next);
         }
         const float* plane = plane_as<float>(stored, size);
         for (int64_t g = plan.group_start[task.group]; g < plan.group_start[task.group + 1];
@@ -435,16 +448,7 @@ void pool_backward_f32(const SamplingPlan<float, kTaps>& plan,
       [&](const PlaneTask& task, const PlaneTask* next) {
         const LevelPlanes<float>& lv = levels[task.level];
         float* plane = plane_data(levels, task, channels);
-        const int64_t size = lv.height * lv.width;
-        const int64_t num_rois = rois_of(plan, task);
-        if (task.first) PlaneStream</*kForWriting=*/1>(plane, size, num_rois, 1).all();
-        PlaneStream</*kForWriting=*/1> next_stream;
-        if (next != nullptr) {
-          const LevelPlanes<float>& next_lv = levels[next->level];
-          next_stream = PlaneStream<1>(plane_data(levels, *next, channels),
-                                       next_lv.height * next_lv.width, rois_of(plan, *next),
-                                       num_rois);
-        }
+        auto next_stream = stream_planes</*kForWriting=*/1>(plan, levels, channels, task, next);
         for (int64_t g = plan.group_start[task.group]; g < plan.group_start[task.group + 1];
              ++g) {
           next_stream.step();
