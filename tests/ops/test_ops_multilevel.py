@@ -112,12 +112,15 @@ def test_threads_give_the_one_thread_result(channels_last):
         torch.set_num_threads(previous)
     leaves = [f.detach().clone().requires_grad_() for f in features]
     pooler = torchvision.ops.MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
-    boxes = [rois[rois[:, 0] == i, 1:] for i in range(3)]
-    theirs = pooler(OrderedDict((str(i), f) for i, f in enumerate(leaves)), boxes, [(256, 320)] * 3)
-    theirs.backward(grad[torch.cat([torch.nonzero(rois[:, 0] == i)[:, 0] for i in range(3)])])
+    theirs = pooler(
+        OrderedDict((str(i), f) for i, f in enumerate(leaves)),
+        per_image_boxes(rois, 3),
+        [(IMAGE_H, IMAGE_W)] * 3,
+    )
+    theirs.backward(grad)  # make_rois sorts by image: the RoIs are in torchvision's order
     (one, one_grads), (two, two_grads) = results
     assert torch.equal(one, two)
-    assert torch.equal(two[rois[:, 0].argsort(stable=True)], theirs)
+    assert torch.equal(two, theirs)
     for a, b, c in zip(one_grads, two_grads, leaves, strict=True):
         assert torch.equal(a, b)
         if channels_last:  # sums in another order than torchvision's NCHW kernel
