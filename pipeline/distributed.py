@@ -1,7 +1,10 @@
 """Process-group set-up from the launcher's environment, shared by the train and eval stages.
 
 ``torchrun`` (one or many nodes, c10d rendezvous) and plain ``python`` (one process) both
-work. NCCL is used with GPUs and gloo without.
+work. With GPUs the group serves both devices, ``cuda:nccl,cpu:gloo`` (as torchtitan does):
+CUDA tensors go to NCCL, while the small CPU tensors and Python objects of the loop's
+cross-rank checks (``pipeline.collectives``) go to gloo; a group of NCCL alone has no CPU
+backend and refuses them. Without GPUs the group is gloo.
 
 Under torchrun the elastic agent already hosts a TCP store at ``MASTER_ADDR:MASTER_PORT``.
 After a restart (``--max-restarts``) the new workers would read the previous attempt's
@@ -233,9 +236,11 @@ def _expand_name(name: str, whole: str) -> list[str]:
 
 
 def resolve_backend(backend: str = "auto") -> str:
+    """``distributed.backend``: "auto" serves CPU and CUDA tensors where CUDA is present;
+    any other value (``nccl``, ``gloo``, ``cuda:nccl,cpu:gloo``, ...) is used as given."""
     if backend != "auto":
         return backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
 
 
 def device_for(info: DistInfo) -> torch.device:

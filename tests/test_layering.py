@@ -31,6 +31,7 @@ FORBIDDEN = {
     "pipeline/engine": ("pipeline.evaluation", "launch"),
     "pipeline/evaluation": ("pipeline.engine", "launch"),
     "pipeline/distributed.py": ("pipeline", "ops", "launch"),
+    "pipeline/collectives.py": ("pipeline", "ops", "launch"),
     "pipeline/tracking": (
         "pipeline.data",
         "pipeline.modeling",

@@ -194,7 +194,12 @@ class TrainConfig:
     lr: float = 0.02
     """Learning rate at the reference batch size; scaled linearly to the global batch."""
     reference_batch_size: int = 16
-    """Global batch that `lr` is meant for: lr * global_batch / reference_batch_size is used."""
+    """Global batch that the schedule is meant for: lr * global_batch / reference_batch_size
+    is used, and with scale_schedule the step counts are scaled the other way."""
+    scale_schedule: bool = True
+    """Scale max_steps, lr_steps, warmup_iters and checkpoint_every by reference_batch_size /
+    global_batch (rounded), so the run sees the same images at the same lr on any number of
+    GPUs (detectron2's REFERENCE_WORLD_SIZE); false takes them as steps, as given."""
     momentum: float = 0.9
     """SGD momentum."""
     weight_decay: float = 1e-4
@@ -261,8 +266,9 @@ class EvalConfig:
 class DistributedConfig:
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     """Data-parallel engine."""
-    backend: Literal["auto", "nccl", "gloo"] = "auto"
-    """Process-group backend; auto picks nccl with GPUs and gloo without."""
+    backend: Literal["auto", "cuda:nccl,cpu:gloo", "nccl", "gloo"] = "auto"
+    """Process-group backend; auto picks cuda:nccl,cpu:gloo with GPUs (CUDA tensors on NCCL,
+    the loop's small CPU tensors and objects on gloo) and gloo without."""
     zero_stage: Literal[0, 1, 2] = 1
     """DeepSpeed ZeRO stage (deepspeed strategy only)."""
     bucket_mb: int = 25

@@ -1,8 +1,9 @@
 """The training loop of the train stage, top to bottom.
 
 ``train(cfg)`` joins the process group, builds the model, optimizer, loader and strategy,
-restores a checkpoint or initial weights, and runs ``train.max_steps`` optimizer steps. It
-returns 0 when done and ``PREEMPTED_EXIT_CODE`` after a SIGTERM/SIGUSR1 checkpoint.
+restores a checkpoint or initial weights, and runs the optimizer steps of the schedule that
+``train`` gives on this run's global batch (``optim.build_schedule``). It returns 0 when
+done and ``PREEMPTED_EXIT_CODE`` after a SIGTERM/SIGUSR1 checkpoint.
 
 Randomness: every draw the run makes comes from state the checkpoint holds. The loader's
 order and augmentations are functions of (seed, epoch, sample position) and its position is
@@ -19,8 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from pipeline.collectives import all_gather_objects, any_rank
 from pipeline.config import config_to_dict, dump_config, save_config
 from pipeline.data import build_train_loader
 from pipeline.distributed import DistInfo, device_for, init_distributed, shutdown_distributed
@@ -37,7 +38,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .checkpoint import resolve_resume as find_resume
-from .optim import build_optimization
+from .optim import build_optimization, build_schedule, place_schedule
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionFlag
 from .progress import ProgressMeter, append_metrics, plot_loss_curve, truncate_metrics
 from .strategy import build_strategy
@@ -67,21 +68,8 @@ def to_device(images, targets, device: torch.device):
     return images, targets
 
 
-def any_rank(flags: list[bool], world_size: int) -> list[bool]:
-    """Element-wise OR of boolean flags over all ranks (one tiny all-reduce)."""
-    if world_size == 1:
-        return flags
-    tensor = torch.tensor([float(f) for f in flags])
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in tensor.tolist()]
-
-
-def run_tags(cfg, info: DistInfo) -> dict[str, str]:
-    hosts = [socket.gethostname()]
-    if info.world_size > 1:
-        gathered: list = [None] * info.world_size
-        dist.all_gather_object(gathered, hosts[0])
-        hosts = sorted(set(gathered))
+def run_tags(cfg, info: DistInfo, schedule) -> dict[str, str]:
+    hosts = sorted(set(all_gather_objects(socket.gethostname())))
     return {
         "world_size": str(info.world_size),
         # From the launcher's layout, not the host names: containers and network
@@ -90,7 +78,26 @@ def run_tags(cfg, info: DistInfo) -> dict[str, str]:
         "strategy": cfg.distributed.strategy,
         "hosts": ",".join(hosts),
         "amp": cfg.train.amp,
+        # The schedule this run follows on its global batch (config.yaml keeps the config's).
+        "global_batch": str(schedule.global_batch),
+        "lr_scaled": f"{schedule.lr:.6g}",
+        "max_steps_effective": str(schedule.max_steps),
+        "lr_steps_effective": ",".join(map(str, schedule.milestones)),
+        "warmup_iters_effective": str(schedule.warmup_iters),
     }
+
+
+def resume_position(state: dict, global_batch: int) -> tuple[int, int]:
+    """(step, images seen) at which a run of ``global_batch`` images a step continues from a
+    checkpoint: the saved step on the same global batch; on another, the step of this run's
+    schedule that the same number of images reaches (rounded down; the loader resumes at the
+    exact sample). A checkpoint from before these keys were saved took the same batch."""
+    step = int(state["step"])
+    saved_batch = int(state.get("global_batch", global_batch))
+    images_seen = int(state.get("images_seen", step * saved_batch))
+    if saved_batch == global_batch:
+        return step, images_seen
+    return images_seen // global_batch, images_seen
 
 
 def train(cfg) -> int:
@@ -126,26 +133,41 @@ def _train(cfg, info: DistInfo) -> int:
                 log.info("init_from %s: %s", t.init_from, line)
     generator = torch.Generator(device=device)
     model.set_generator(generator)
-    optimizer, scheduler, lr = build_optimization(cfg, model, info.world_size)
+    schedule = build_schedule(cfg, info.world_size)
+    optimizer, scheduler = build_optimization(cfg, model, schedule)
     loader = build_train_loader(cfg, info.rank, info.world_size)
     strategy = build_strategy(
         cfg, model, optimizer, scheduler, device=device, world_size=info.world_size
     )
     ckpt_dir = checkpoint_dir(out)
 
-    step, tracking_state = 0, None
+    step, images_seen, tracking_state = 0, 0, None
     if resume_from is not None:
         state = strategy.load(resume_from, load_strict_state)
-        step = int(state["step"])
+        saved_step = int(state["step"])
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         tracking_state = state.get("tracking")
+        step, images_seen = resume_position(state, schedule.global_batch)
+        # The saved optimizer and scheduler hold the saving run's rates; this run follows
+        # the schedule of its own global batch from the same image position.
+        place_schedule(scheduler, lr=schedule.lr, step=step)
         if info.is_main:
             log.info("resumed from %s at step %d (epoch %s)", resume_from, step, loader.epoch)
-            truncate_metrics(out, step)
+            if step != saved_step:
+                log.warning(
+                    "the checkpoint was saved at step %d with %s images a step; this run "
+                    "takes %d a step, so it continues at step %d (%d images seen)",
+                    saved_step,
+                    state.get("global_batch", "?"),
+                    schedule.global_batch,
+                    step,
+                    images_seen,
+                )
+            truncate_metrics(out, saved_step)
 
     # --- tracking (rank 0 only; never blocks the loop) -----------------------------------------
-    tags = run_tags(cfg, info)
+    tags = run_tags(cfg, info, schedule)
     tracker = build_tracker(cfg, stage="train", run_dir=out, rank=info.rank)
     if tracking_state and tracker.run_id and tracker.run_id != tracking_state.get("run_id"):
         log.warning(
@@ -155,17 +177,16 @@ def _train(cfg, info: DistInfo) -> int:
         )
     if step == 0:
         tracker.log_params(config_to_dict(cfg))
-    tracker.set_tags({**tags, "lr_scaled": f"{lr:.6g}"})
+    tracker.set_tags(tags)
     if info.is_main:
         log.info(
-            "training %s on %d process(es) (%s nodes, %s), %d steps from step %d, lr %.5g",
+            "training %s on %d process(es) (%s nodes, %s) from step %d: %s",
             cfg.distributed.strategy,
             info.world_size,
             tags["num_nodes"],
             device,
-            t.max_steps,
             step,
-            lr,
+            schedule.describe(),
         )
 
     def save(at_step: int) -> None:
@@ -177,6 +198,8 @@ def _train(cfg, info: DistInfo) -> int:
             "config": dump_config(cfg),
             "model_args": dict(strategy.module.model_args),
             "world_size": info.world_size,
+            "global_batch": schedule.global_batch,
+            "images_seen": images_seen,
             "tracking": {"run_id": tracker.run_id, "uri": getattr(tracker, "uri", None)},
         }
         strategy.save(
@@ -187,16 +210,12 @@ def _train(cfg, info: DistInfo) -> int:
 
     # --- the loop ----------------------------------------------------------------------------
     accumulation = t.grad_accum_steps
-    meter = ProgressMeter(
-        max_steps=t.max_steps,
-        global_batch=t.batch_size * info.world_size * accumulation,
-        world_size=info.world_size,
-    )
+    meter = ProgressMeter(max_steps=schedule.max_steps, global_batch=schedule.global_batch)
     batches = loader.forever()
     strategy.model.train()
     nonfinite_in_row = 0
     preempted = False
-    while step < t.max_steps:
+    while step < schedule.max_steps:
         good = 0
         while good < accumulation:
             waited = time.perf_counter()
@@ -207,7 +226,7 @@ def _train(cfg, info: DistInfo) -> int:
             with strategy.sync_context(last_micro_batch=good == accumulation - 1):
                 losses = strategy.forward(images, targets)
                 loss = sum(losses.values())
-                (nonfinite,) = any_rank([not bool(torch.isfinite(loss))], info.world_size)
+                (nonfinite,) = any_rank([not bool(torch.isfinite(loss))])
                 if nonfinite:
                     nonfinite_in_row += 1
                     if info.is_main:
@@ -231,16 +250,17 @@ def _train(cfg, info: DistInfo) -> int:
             good += 1
         grad_norm = strategy.optimizer_step()
         step += 1
+        images_seen += schedule.global_batch
         meter.step_done()
-        (preempted,) = any_rank([preemption.requested], info.world_size)
+        (preempted,) = any_rank([preemption.requested])
 
-        if step % t.log_every == 0 or step == t.max_steps or preempted:
+        if step % t.log_every == 0 or step == schedule.max_steps or preempted:
             line, metrics = meter.report(step, strategy.lr(), grad_norm)
             if info.is_main:
                 log.info(line)
                 append_metrics(out, step, metrics)
                 tracker.log_metrics(metrics, step=step)
-        if step % t.checkpoint_every == 0 or step == t.max_steps or preempted:
+        if step % schedule.checkpoint_every == 0 or step == schedule.max_steps or preempted:
             save(step)
         if preempted:
             break

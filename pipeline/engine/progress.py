@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from pipeline.collectives import sum_across_ranks
 
 log = logging.getLogger("pipeline.train")
 
@@ -34,8 +35,8 @@ def format_duration(seconds: float) -> str:
 class ProgressMeter:
     """Accumulates one log interval and turns it into a line and a metrics dict."""
 
-    def __init__(self, *, max_steps: int, global_batch: int, world_size: int):
-        self.max_steps, self.global_batch, self.world_size = max_steps, global_batch, world_size
+    def __init__(self, *, max_steps: int, global_batch: int):
+        self.max_steps, self.global_batch = max_steps, global_batch
         self._reset()
 
     def _reset(self):
@@ -59,12 +60,8 @@ class ProgressMeter:
     def report(self, step: int, lr: float, grad_norm: float) -> tuple[str, dict[str, float]]:
         """(the progress line, the metrics), averaged over ranks; resets the interval."""
         names = sorted(self.sums)
-        values = torch.tensor(
-            [self.sums[n] for n in names] + [self.micro_batches], dtype=torch.float64
-        )
-        if self.world_size > 1 and dist.is_initialized():
-            dist.all_reduce(values)
-        count = max(1.0, float(values[-1]))
+        values = sum_across_ranks([self.sums[n] for n in names] + [self.micro_batches])
+        count = max(1.0, values[-1])
         losses = {name: float(values[i]) / count for i, name in enumerate(names)}
         elapsed = max(1e-9, time.perf_counter() - self.started)
         images_per_s = self.steps * self.global_batch / elapsed

@@ -20,8 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch.distributed as dist
-
 from pipeline.data.manifest import ShardManifest
 
 from .coco_eval import CocoScores, category_table, coco_evaluate, subset_ground_truth, summary_lines
@@ -66,15 +64,6 @@ class EvalReport:
                 if value is not None:
                     scalars[f"{iou_type}/AP-{name}"] = float(value)
         return {key: value for key, value in scalars.items() if math.isfinite(value)}
-
-
-def gather_outputs(output: RankOutput, rank: int, world_size: int) -> list[RankOutput] | None:
-    """Every rank's output on rank 0 (None elsewhere)."""
-    if world_size == 1:
-        return [output]
-    gathered = [None] * world_size if rank == 0 else None
-    dist.gather_object(output, gathered, dst=0)
-    return gathered
 
 
 def account_images(gt: dict, outputs: Sequence[RankOutput]) -> tuple[list[int], list[dict]]:

@@ -15,8 +15,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch.distributed as dist
-
+from pipeline.collectives import (
+    all_gather_objects,
+    broadcast_object,
+    gather_objects,
+    patient_cpu_group,
+)
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data import build_val_loader, read_manifest
 from pipeline.data.ground_truth import read_ground_truth
@@ -34,7 +38,7 @@ from .checkpoints import (
 )
 from .coco_eval import IOU_TYPES, resolve_backend
 from .inference import ModelPredictor, run_inference
-from .report import METRICS_FILE, EvalReport, EvalSettings, gather_outputs, score_outputs
+from .report import METRICS_FILE, EvalReport, EvalSettings, score_outputs
 from .tracking import log_evaluation
 
 log = logging.getLogger(__name__)
@@ -61,11 +65,7 @@ def build_eval_settings(cfg: Config) -> EvalSettings:
 
 def _agree(ok: bool, message: str, info: DistInfo) -> str:
     """The first failing rank's message ("" when every rank succeeded), on every rank."""
-    if info.world_size == 1:
-        return "" if ok else message
-    everyone = [None] * info.world_size
-    dist.all_gather_object(everyone, "" if ok else message)
-    return next((m for m in everyone if m), "")
+    return next((m for m in all_gather_objects("" if ok else message) if m), "")
 
 
 def load_model_everywhere(cfg: Config, checkpoint: str | Path, info: DistInfo, manifest):
@@ -115,7 +115,7 @@ def evaluate_loaded(
         picture_score_thresh=settings.picture_score_thresh,
         progress=info.is_main,
     )  # fmt: skip
-    outputs = gather_outputs(output, info.rank, info.world_size)
+    outputs = gather_objects(output)
     if not info.is_main:
         return None
     gt, gt_problems = read_ground_truth(cfg.data.val_shards)
@@ -180,14 +180,6 @@ def next_to_evaluate(checkpoint_dir: Path, done: set[str]) -> tuple[str | None, 
     return None, finished
 
 
-def _broadcast(value, info: DistInfo):
-    if info.world_size == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def watch_training(
     cfg: Config,
     train_dir: str | Path,
@@ -207,6 +199,10 @@ def watch_training(
     done = {p.parent.name for p in out_dir.glob(f"*/{METRICS_FILE}")}
     reports: list[EvalReport] = []
     last_news = time.monotonic()
+    # The other ranks wait in this handshake while rank 0 polls, scores and uploads, for
+    # hours between checkpoints: on a gloo group of its own with a long timeout, away from
+    # the default group's timeout and NCCL's watchdog, which would abort the job.
+    handshake = patient_cpu_group()
     while True:
         decision = None
         if info.is_main:
@@ -219,7 +215,7 @@ def watch_training(
                 decision = ("stop", f"no new checkpoint for {idle_timeout_s:.0f} s")
             else:
                 decision = ("wait", "")
-        action, detail = _broadcast(decision, info)
+        action, detail = broadcast_object(decision, group=handshake)
         if action == "stop":
             if info.is_main:
                 print(f"watch: {detail}; {len(done)} checkpoints evaluated", flush=True)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+from pipeline.collectives import mean_across_ranks
 
 BoxLoss = Literal["smooth_l1", "l1"]
 
@@ -44,23 +45,13 @@ def box_regression_loss(pred: Tensor, target: Tensor, kind: BoxLoss, beta: float
     raise ValueError(f"unknown box loss {kind!r}")
 
 
-def average_across_ranks(value: float, device: torch.device | str) -> float:
+def average_across_ranks(value: float) -> float:
     """``value`` averaged over the ranks of the default process group (itself without one).
 
     A loss normalised by a count (e.g. the focal loss by its positives) and averaged by DDP
     over ranks is then ``sum over ranks of the summed losses / global count``: the same
     gradient whatever the split of the global batch into per-rank batches (detectron2's
     ``all_reduce(num_pos) / world_size``). Every rank must call this at the same point of
-    its forward pass. ``device`` carries the value for the collective: NCCL needs the
-    model's CUDA device; gloo reduces on the CPU.
+    its forward pass.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return float(value)
-    world_size = dist.get_world_size()
-    if world_size == 1:
-        return float(value)
-    if "nccl" not in dist.get_backend():
-        device = "cpu"
-    total = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return total.item() / world_size
+    return mean_across_ranks(float(value))

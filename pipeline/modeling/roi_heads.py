@@ -287,7 +287,7 @@ class RoIHeads(nn.Module):
             # the gradient does not depend on how the batch is split across processes.
             classifier_loss = sigmoid_focal_loss(
                 class_logits, one_hot, self.focal_alpha, self.focal_gamma, "sum"
-            ) / max(1.0, average_across_ranks(pos.numel(), class_logits.device))
+            ) / max(1.0, average_across_ranks(pos.numel()))
         elif labels.numel() > 0:
             classifier_loss = F.cross_entropy(class_logits, labels)
         else:

@@ -250,7 +250,7 @@ class RegionProposalNetwork(nn.Module):
         if self.objectness_loss == "focal":
             # Normalised by the positives of the whole global batch (averaged over ranks), so
             # the gradient does not depend on how the batch is split across processes.
-            num_pos = average_across_ranks(pos.numel(), sampled_logits.device)
+            num_pos = average_across_ranks(pos.numel())
             objectness_loss = sigmoid_focal_loss(
                 sampled_logits, sampled_labels, self.focal_alpha, self.focal_gamma, "sum"
             ) / max(1.0, num_pos)

@@ -79,7 +79,7 @@ def _worker(rank: int, directory: str) -> None:
         "gloo", init_method=f"file://{directory}/store", rank=rank, world_size=2
     )
     try:
-        assert average_across_ranks(float(rank + 1), "cpu") == 1.5
+        assert average_across_ranks(float(rank + 1)) == 1.5
         torch.save(focal_gradients(make_model(), [rank]), os.path.join(directory, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -105,4 +105,4 @@ def test_two_ranks_match_one_process(tmp_path):
 
 def test_average_without_process_group_is_the_value():
     assert not dist.is_initialized()
-    assert average_across_ranks(3, "cpu") == 3.0
+    assert average_across_ranks(3) == 3.0
