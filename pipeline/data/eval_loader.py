@@ -1,9 +1,13 @@
 """The evaluation loader over the shards written by ``sharding.py``.
 
 Evaluation (``ShardEvalLoader``): every sample exactly once across ranks.
-    Sample g (global index in manifest order: shard by shard, then position in the shard)
-    belongs to rank ``g % world_size``; within the rank, its j-th sample (``j = g //
-    world_size``) goes to worker ``j % num_workers``. Ranks may get one batch more or less.
+    Sample g is its global index in manifest order (shard by shard, then position in the
+    shard). Each rank gets a contiguous range of g, the first ``total % world_size`` ranks
+    one sample more than the others; each worker of the rank gets a contiguous part of that
+    range, split the same way. So a worker opens only the shards that overlap its range
+    (ranks and workers share at most the shard at each boundary) and stops reading after
+    the range's last sample, instead of every rank and worker streaming every shard. Ranks
+    may get one batch more or less.
 
 Every sample is accounted for. A sample that cannot be decoded, and the samples a damaged
 shard no longer holds, are warned about and recorded in ``loader.failures`` (the image's
@@ -23,6 +27,14 @@ from torch.utils.data import IterableDataset
 from .loader import CountingHandler, make_dataloader, shard_samples, worker_identity
 from .manifest import ShardManifest, read_manifest
 from .transforms import make_example, pack_batch, unpack_batch
+
+
+def balanced_part(total: int, parts: int, part: int) -> tuple[int, int]:
+    """[start, stop) of the ``part``-th of ``parts`` contiguous pieces of ``range(total)``;
+    the first ``total % parts`` pieces hold one item more."""
+    size, larger = divmod(total, parts)
+    start = part * size + min(part, larger)
+    return start, start + size + (part < larger)
 
 
 def failure_record(sample: dict, error: Exception) -> dict:
@@ -95,11 +107,17 @@ class ShardEvalLoader:
         self.failures: list[dict] = []
         """Samples of this rank not yielded, from the last iteration (see module doc)."""
 
+    def local_range(self, worker: int = 0, workers: int = 1) -> range:
+        """The global indices of this rank (and worker) per the manifest (see module doc)."""
+        rank_start, rank_stop = balanced_part(
+            self.manifest.total_samples, self.world_size, self.rank
+        )
+        start, stop = balanced_part(rank_stop - rank_start, workers, worker)
+        return range(rank_start + start, rank_start + stop)
+
     def local_count(self, worker: int = 0, workers: int = 1) -> int:
         """Samples of this rank (and worker) per the manifest."""
-        total = self.manifest.total_samples
-        rank_count = total // self.world_size + (self.rank < total % self.world_size)
-        return rank_count // workers + (worker < rank_count % workers)
+        return len(self.local_range(worker, workers))
 
     def __len__(self) -> int:
         workers = max(1, self.num_workers)
@@ -111,23 +129,22 @@ class ShardEvalLoader:
         self, worker: int, workers: int, handler: CountingHandler, failures: list[dict]
     ):
         """(global index, raw sample) of this rank and worker, in manifest order; the
-        samples a shard fails to give are appended to ``failures``."""
-        world = self.world_size
+        samples a shard fails to give are appended to ``failures``. Only the shards that
+        overlap the worker's range are opened."""
+        local = self.local_range(worker, workers)
         for offset, shard in zip(self.manifest.shard_offsets(), self.manifest.shards, strict=True):
-            wanted = {
-                g
-                for g in range(offset, offset + shard.samples)
-                if g % world == self.rank and (g // world) % workers == worker
-            }
+            if offset >= local.stop:
+                break  # this and all later shards hold only later ranges' samples
+            wanted = range(max(offset, local.start), min(offset + shard.samples, local.stop))
             if not wanted:
-                continue  # skip the shard without reading it
-            last, found = max(wanted), 0
+                continue  # skip the shard without opening it
+            found = 0
             for position, sample in enumerate(shard_samples(shard, handler)):
                 global_index = offset + position
                 if global_index in wanted:
                     found += 1
                     yield global_index, sample
-                if global_index >= last:
+                if global_index >= wanted[-1]:
                     break
             if found < len(wanted):
                 missing = len(wanted) - found

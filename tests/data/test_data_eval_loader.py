@@ -5,13 +5,18 @@ import json
 import logging
 import shutil
 import tarfile
+from pathlib import Path
 
 import pytest
 from data_helpers import VAL_IMAGES
 
 from pipeline.config import load_config
+from pipeline.data import eval_loader
 from pipeline.data.eval_loader import ShardEvalLoader, build_val_loader
 from pipeline.data.ground_truth import coco_ground_truth, read_ground_truth
+from pipeline.data.loader import worker_identity
+from pipeline.data.shapes import make_shapes_dataset
+from pipeline.data.sharding import build_shards
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
@@ -98,3 +103,71 @@ def test_build_val_loader_maps_the_config(val_shards):
     assert (loader.rank, loader.world_size, loader.batch_size) == (1, 2, 3)
     assert (loader.min_size, loader.max_size, loader.num_workers) == (70, 90, 0)
     assert len(list(loader)) == len(loader) == 2  # 5 of the 11 samples, in batches of 3
+
+
+# 22 samples in shards of 3 -> 8 shards (the last holds 1). On 2 ranks x 2 workers the
+# ranges are [0, 6), [6, 11) | [11, 17), [17, 22): the rank boundary (11) and one worker
+# boundary (17) fall inside a shard, so both ways of sharing a shard are exercised.
+EIGHT_SHARD_IMAGES, EIGHT_SHARD_SIZE = 22, 3
+
+
+@pytest.fixture(scope="module")
+def eight_val_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eight_shapes")
+    make_shapes_dataset(root, 0, EIGHT_SHARD_IMAGES, 64, seed=4)
+    out = root / "shards"
+    build_shards(root / "annotations" / "instances_val.json", root / "images" / "val", out,
+                 shard_size=EIGHT_SHARD_SIZE, progress=False)  # fmt: skip
+    return out
+
+
+def test_eval_ranks_and_workers_open_only_their_own_shards(eight_val_shards, tmp_path, monkeypatch):
+    # Every shard open, recorded by the process that does it: the workers are forked, so
+    # the record is a line appended to a file rather than a list in this process.
+    log = tmp_path / "opens.log"
+    current_rank = [0]  # read in the workers, which are forked after it is set
+    read_shard = eval_loader.shard_samples
+
+    def recorded_shard_samples(shard, handler):
+        # A generator, so that the line is written when the shard is read, not when the
+        # generator is only created.
+        worker, _ = worker_identity()
+        with log.open("a") as file:
+            file.write(f"{current_rank[0]} {worker} {Path(shard.path).name}\n")
+        yield from read_shard(shard, handler)
+
+    monkeypatch.setattr(eval_loader, "shard_samples", recorded_shard_samples)
+    seen = []
+    for rank in range(2):
+        current_rank[0] = rank
+        loader = ShardEvalLoader(str(eight_val_shards), rank=rank, world_size=2, batch_size=2,
+                                 num_workers=2, min_size=64, max_size=120)  # fmt: skip
+        batches = list(loader)
+        assert len(batches) == len(loader) and not loader.failures
+        seen += [target["image_id"] for _, targets in batches for target in targets]
+    assert sorted(seen) == list(range(1, EIGHT_SHARD_IMAGES + 1))  # each sample once
+
+    shards = [shard.path for shard in loader.manifest.shards]
+    index = {Path(path).name: i for i, path in enumerate(shards)}
+    assert len(shards) == 8
+    opens: dict[tuple[int, int], list[int]] = {(r, w): [] for r in range(2) for w in range(2)}
+    for line in log.read_text().splitlines():
+        rank, worker, name = line.split()
+        opens[int(rank), int(worker)].append(index[name])
+    print("shard opens per (rank, worker):", opens)
+
+    def contiguous(indices) -> bool:
+        return sorted(indices) == list(range(min(indices), max(indices) + 1))
+
+    for opened in opens.values():
+        assert opened == sorted(set(opened)) and contiguous(opened)  # each once, in order
+    by_rank = [sorted(set(opens[r, 0] + opens[r, 1])) for r in range(2)]
+    for rank, opened in enumerate(by_rank):
+        assert contiguous(opened), f"rank {rank} opened {opened}"
+        # Its workers split the rank's range: at most the boundary shard is opened by both.
+        assert max(opens[rank, 0]) <= min(opens[rank, 1])
+    # The ranks split the shards: at most the one at the boundary is opened by both.
+    assert max(by_rank[0]) <= min(by_rank[1])
+    assert set(by_rank[0]) | set(by_rank[1]) == set(range(len(shards)))
+    # Every shard opened once, plus once more for each of the 3 range boundaries at most.
+    assert sum(map(len, opens.values())) <= len(shards) + 3
