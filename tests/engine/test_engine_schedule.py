@@ -24,9 +24,9 @@ def test_coco_1x_keeps_its_epochs_on_any_number_of_gpus():
     on = {gpus: build_schedule(cfg, gpus) for gpus in (8, 16, 64)}
     assert on[8].max_steps == 90000 and on[8].lr == pytest.approx(0.02)
     assert on[8].milestones == (60000, 80000) and on[8].warmup_iters == 1000
-    assert (on[16].max_steps, on[16].milestones, on[16].warmup_iters) == (45000, (30000, 40000), 500)
+    assert (on[16].max_steps, on[16].milestones, on[16].warmup_iters) == (45000, (30e3, 40e3), 500)
     assert on[16].lr == pytest.approx(0.04) and on[16].checkpoint_every == 2500
-    assert (on[64].max_steps, on[64].milestones, on[64].warmup_iters) == (11250, (7500, 10000), 125)
+    assert (on[64].max_steps, on[64].milestones, on[64].warmup_iters) == (11250, (7500, 1e4), 125)
     assert on[64].lr == pytest.approx(0.16) and on[64].checkpoint_every == 625
     for schedule in on.values():  # the same images, the same lr per image
         assert schedule.max_steps * schedule.global_batch == 90000 * 16
