@@ -129,7 +129,7 @@ def test_helpers_under_two_real_processes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script)],
+         str(script), str(tmp_path)],
         capture_output=True, text=True, timeout=180, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
