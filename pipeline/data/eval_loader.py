@@ -96,6 +96,7 @@ class ShardEvalLoader:
         num_workers: int,
         min_size: int,
         max_size: int,
+        pin_memory: bool = False,
     ):
         if not 0 <= rank < world_size or batch_size < 1 or num_workers < 0:
             raise ValueError(f"bad rank {rank}/{world_size}, batch {batch_size} or workers")
@@ -103,6 +104,7 @@ class ShardEvalLoader:
         self.rank, self.world_size = rank, world_size
         self.batch_size, self.num_workers = batch_size, num_workers
         self.min_size, self.max_size = min_size, max_size
+        self.pin_memory = pin_memory
         self._category_index = self.manifest.coco_to_contiguous
         self.failures: list[dict] = []
         """Samples of this rank not yielded, from the last iteration (see module doc)."""
@@ -170,14 +172,19 @@ class ShardEvalLoader:
 
     def __iter__(self):
         self.failures = []
-        for packed in make_dataloader(EvalSamples(self), self.num_workers, self.batch_size):
+        for packed in make_dataloader(
+            EvalSamples(self), self.num_workers, self.batch_size, pin_memory=self.pin_memory
+        ):
             self.failures.extend(packed.pop("failures"))
             if packed:
                 yield unpack_batch(packed)
 
 
-def build_val_loader(cfg, rank: int, world_size: int) -> ShardEvalLoader:
-    """The evaluation loader of one rank, from the config tree."""
+def build_val_loader(
+    cfg, rank: int, world_size: int, *, pin_memory: bool = False
+) -> ShardEvalLoader:
+    """The evaluation loader of one rank, from the config tree; ``pin_memory`` when the
+    batches go to a CUDA device."""
     return ShardEvalLoader(
         cfg.data.val_shards,
         rank=rank,
@@ -186,6 +193,7 @@ def build_val_loader(cfg, rank: int, world_size: int) -> ShardEvalLoader:
         num_workers=cfg.data.num_workers,
         min_size=cfg.input.min_size_test,
         max_size=cfg.input.max_size_test,
+        pin_memory=pin_memory,
     )
 
 

@@ -274,6 +274,7 @@ class ShardTrainLoader:
         epoch_samples: int = 0,
         seed: int = 0,
         max_decode_failures: int = 50,
+        pin_memory: bool = False,
     ):
         if not 0 <= rank < world_size or batch_size < 1 or num_workers < 0:
             raise ValueError(f"bad rank {rank}/{world_size}, batch {batch_size} or workers")
@@ -290,6 +291,7 @@ class ShardTrainLoader:
         self.min_sizes, self.max_size = list(min_sizes), max_size
         self.flip_prob, self.window, self.seed = flip_prob, max(1, shuffle_buffer), seed
         self.max_decode_failures = max_decode_failures
+        self.pin_memory = pin_memory
         self.epoch_samples = epoch_samples or self.total_samples
         self.batches_per_epoch = math.ceil(self.epoch_samples / self.global_batch)
         shard_list = [[Path(s.path).name, s.samples, s.sha256] for s in self.manifest.shards]
@@ -342,7 +344,9 @@ class ShardTrainLoader:
         self.epoch, self.samples_consumed = self.position()
         epoch_data = TrainEpoch(self, self.epoch, self.samples_consumed, self.remaining_batches())
         try:
-            for packed in make_dataloader(epoch_data, self.num_workers, self.batch_size):
+            for packed in make_dataloader(
+                epoch_data, self.num_workers, self.batch_size, pin_memory=self.pin_memory
+            ):
                 self.samples_consumed += self.global_batch
                 self.last_batch = {
                     "epoch": self.epoch,
@@ -397,9 +401,14 @@ def pass_through(batch):
     return batch
 
 
-def make_dataloader(dataset: IterableDataset, num_workers: int, batch_size: int) -> DataLoader:
+def make_dataloader(
+    dataset: IterableDataset, num_workers: int, batch_size: int, *, pin_memory: bool = False
+) -> DataLoader:
     """Batches are made in the workers (batch_size=None), tensors travel via shared memory;
-    ``pass_through`` keeps the batch structure (default_convert would turn tuples to lists)."""
+    ``pass_through`` keeps the batch structure (default_convert would turn tuples to lists).
+    ``pin_memory`` (for a CUDA device) pins each batch's buffers in the loader's thread, so
+    the step's ``to(device, non_blocking=True)`` copies are asynchronous: from pageable
+    memory they are synchronous copies through a staging buffer."""
     return DataLoader(
         dataset,
         batch_size=None,
@@ -407,11 +416,15 @@ def make_dataloader(dataset: IterableDataset, num_workers: int, batch_size: int)
         num_workers=num_workers,
         prefetch_factor=2 if num_workers else None,
         persistent_workers=False,
+        pin_memory=pin_memory,
     )
 
 
-def build_train_loader(cfg, rank: int, world_size: int) -> ShardTrainLoader:
-    """The training loader of one rank, from the config tree."""
+def build_train_loader(
+    cfg, rank: int, world_size: int, *, pin_memory: bool = False
+) -> ShardTrainLoader:
+    """The training loader of one rank, from the config tree; ``pin_memory`` when the
+    batches go to a CUDA device."""
     return ShardTrainLoader(
         cfg.data.train_shards,
         rank=rank,
@@ -425,6 +438,7 @@ def build_train_loader(cfg, rank: int, world_size: int) -> ShardTrainLoader:
         epoch_samples=cfg.data.epoch_samples,
         seed=cfg.data.seed,
         max_decode_failures=cfg.data.max_decode_failures,
+        pin_memory=pin_memory,
     )
 
 

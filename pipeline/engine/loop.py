@@ -135,7 +135,7 @@ def _train(cfg, info: DistInfo) -> int:
     model.set_generator(generator)
     schedule = build_schedule(cfg, info.world_size)
     optimizer, scheduler = build_optimization(cfg, model, schedule)
-    loader = build_train_loader(cfg, info.rank, info.world_size)
+    loader = build_train_loader(cfg, info.rank, info.world_size, pin_memory=device.type == "cuda")
     strategy = build_strategy(
         cfg, model, optimizer, scheduler, device=device, world_size=info.world_size
     )

@@ -105,7 +105,9 @@ def evaluate_loaded(
     report on rank 0, None elsewhere)."""
     settings = settings or build_eval_settings(cfg)
     manifest = read_manifest(cfg.data.val_shards)
-    loader = build_val_loader(cfg, info.rank, info.world_size)
+    loader = build_val_loader(
+        cfg, info.rank, info.world_size, pin_memory=device_for(info).type == "cuda"
+    )
     output = run_inference(
         predict, loader,
         contiguous_to_coco=manifest.contiguous_to_coco,
@@ -139,7 +141,7 @@ def evaluate_checkpoint(
     settings = build_eval_settings(cfg)
     manifest = read_manifest(cfg.data.val_shards)
     loaded, model = load_model_everywhere(cfg, checkpoint, info, manifest)
-    predict = ModelPredictor(model, device_for(info))
+    predict = ModelPredictor(model, device_for(info), mask_threshold=settings.mask_threshold)
     report = evaluate_loaded(cfg, loaded, predict, out_dir, info, settings=settings)
     del predict, model
     if report is not None:

@@ -200,6 +200,27 @@ def test_build_functions_map_the_config(train_shards, val_shards):
     assert train.manifest.class_names == ["__background__", "circle", "square", "triangle"]
 
 
+def test_batches_for_a_cuda_device_are_pinned(train_shards, val_shards, monkeypatch):
+    """Pinned batches make the step's non_blocking copies asynchronous. No GPU here to pin
+    with, so the DataLoader's arguments are recorded and pinning is left to a GPU."""
+    from pipeline.data import loader as loader_module
+
+    asked = []
+
+    def recording_loader(*args, pin_memory=False, **kwargs):
+        asked.append(pin_memory)
+        return torch.utils.data.DataLoader(*args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "DataLoader", recording_loader)
+    cfg = Config()
+    cfg.data.train_shards, cfg.data.val_shards = str(train_shards), str(val_shards)
+    cfg.data.num_workers = 0
+    for pin in (True, False):
+        next(iter(build_train_loader(cfg, rank=0, world_size=1, pin_memory=pin)))
+        next(iter(build_val_loader(cfg, rank=0, world_size=1, pin_memory=pin)))
+    assert asked == [True, True, False, False]
+
+
 def test_an_image_without_objects_is_a_valid_sample(train_shards):
     sample = first_raw_sample(train_shards)
     record = json.loads(sample["json"])

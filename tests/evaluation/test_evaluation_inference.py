@@ -6,7 +6,13 @@ import torch
 from evaluation_helpers import tiny_model
 from pycocotools import mask as mask_utils
 
-from pipeline.evaluation.inference import coco_results, detect, encode_masks, to_original
+from pipeline.evaluation.inference import (
+    ModelPredictor,
+    coco_results,
+    detect,
+    encode_masks,
+    to_original,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -39,6 +45,22 @@ def test_detect_pastes_at_the_original_size(model):
     ratios = torch.tensor([1.5, 2.0, 1.5, 2.0])
     assert torch.allclose(large["boxes"], small["boxes"] * ratios, atol=1e-4)
     assert torch.equal(large["scores"], small["scores"])
+
+
+def test_the_predictor_thresholds_masks_before_they_leave_the_device(model):
+    images, sizes = [torch.rand(3, 72, 90)], [(144, 135)]
+    probabilities = detect(model, images, sizes)[0]
+    predicted = ModelPredictor(model, torch.device("cpu"), mask_threshold=0.5)(images, sizes)[0]
+    # Booleans cross to the host (a quarter of float32's bytes), not the probabilities ...
+    assert predicted["masks"].dtype == torch.bool
+    assert torch.equal(predicted["masks"], probabilities["masks"] > 0.5)
+    # ... and the COCO results are those of the probabilities.
+    common = dict(contiguous_to_coco={i: i for i in range(10)}, mask_threshold=0.5,
+                  iou_types=("bbox", "segm"))  # fmt: skip
+    (ours, ours_binary), (theirs, binary) = (
+        coco_results(d, 1, **common) for d in (predicted, probabilities)
+    )
+    assert ours == theirs and ours["segm"] and torch.equal(ours_binary, binary)
 
 
 def test_to_original_scales_each_axis():
