@@ -15,7 +15,7 @@ import sys
 from pipeline.config import ConfigError
 from pipeline.config.cli import build_parser
 from pipeline.data import ManifestError
-from pipeline.distributed import init_distributed, shutdown_distributed
+from pipeline.distributed import LaunchError, init_distributed, shutdown_distributed
 from pipeline.evaluation import CheckpointError, config_for, evaluate_checkpoint, watch_training
 
 
@@ -38,7 +38,11 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError) as error:
         print(f"evaluate: error: {error}", file=sys.stderr)
         return 2
-    info = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s)
+    try:
+        info = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s)
+    except LaunchError as error:
+        print(f"evaluate: error: {error}", file=sys.stderr)
+        return 2
     try:
         if args.watch:
             watch_training(cfg, args.watch, args.out, info)

@@ -10,6 +10,7 @@ import sys
 
 from pipeline.config import ConfigError, parse_config_args
 from pipeline.data.loader import SampleDecodeError
+from pipeline.distributed import LaunchError
 from pipeline.engine import CheckpointError, NonFiniteLossError, train
 
 
@@ -20,6 +21,9 @@ def main(argv=None) -> int:
     )
     try:
         return train(cfg)
+    except LaunchError as error:
+        print(f"train: error: {error}", file=sys.stderr)
+        return 2
     except (ConfigError, CheckpointError, NonFiniteLossError, SampleDecodeError) as error:
         print(f"train: error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1

@@ -235,6 +235,10 @@ def _expand_name(name: str, whole: str) -> list[str]:
     return names
 
 
+class LaunchError(RuntimeError):
+    """The job's layout cannot work on this machine (said in one line)."""
+
+
 def resolve_backend(backend: str = "auto") -> str:
     """``distributed.backend``: "auto" serves CPU and CUDA tensors where CUDA is present;
     any other value (``nccl``, ``gloo``, ``cuda:nccl,cpu:gloo``, ...) is used as given."""
@@ -262,11 +266,20 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistInfo:
             MASTER_ADDR=info.master_addr,
             MASTER_PORT=str(info.master_port),
         )
+    backend = resolve_backend(backend)
     if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if "nccl" in backend and info.world_size > 1 and info.local_world_size > gpus:
+            # NCCL refuses two ranks on one GPU ("Duplicate GPU detected") at the first
+            # collective; say so before anything starts.
+            raise LaunchError(
+                f"{info.local_world_size} processes on this node but {gpus} GPU(s) visible: "
+                f"NCCL needs a GPU per process; start at most {gpus} per node "
+                "(--nproc-per-node, --ntasks-per-node) or set distributed.backend=gloo"
+            )
         torch.cuda.set_device(device_for(info))
     if info.world_size == 1 or dist.is_initialized():
         return info
-    backend = resolve_backend(backend)
     timeout = timedelta(seconds=timeout_s)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # under torchrun: the agent hosts the store
         store = dist.TCPStore(

@@ -1,4 +1,5 @@
-"""A real ``mlflow server`` on 127.0.0.1, started, stopped, frozen and restarted by the tests.
+"""A real ``mlflow server`` on 127.0.0.1, started, stopped, frozen and restarted by the tests;
+and, on a machine with one GPU, the multi-process tests' workers kept off it.
 
 A server keeps its port and its SQLite backend store across ``stop``/``kill`` and a later
 ``start``, so a test can take it away in the middle of a run and bring the same one back.
@@ -15,6 +16,27 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def multi_process_tests_fit_the_gpus():
+    """The tests start 2-process jobs. On a machine with one GPU both ranks would take
+    cuda:0, which NCCL refuses, so there the jobs the tests start see no GPU and run on the
+    CPU with gloo, as on a machine without one; this process keeps its GPU for the CUDA
+    tests (it reads the device list once, at its CUDA initialisation, done first here).
+    With 2 or more GPUs every job gets them."""
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        torch.cuda.init()
+        previous = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        yield
+        if previous is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = previous
+    else:
+        yield
 
 
 def free_port() -> int:

@@ -81,3 +81,13 @@ def test_the_backend_setting_still_overrides(gpu_cluster, monkeypatch):
 def test_without_cuda_the_group_is_gloo(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert distributed.resolve_backend("auto") == "gloo"
+
+
+def test_more_processes_than_gpus_on_a_node_stop_in_one_line(gpu_cluster, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(os, "environ", {**TORCHRUN, "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    with pytest.raises(distributed.LaunchError, match="2 processes on this node but 1 GPU"):
+        distributed.init_distributed("auto", timeout_s=60)
+    assert "backend" not in gpu_cluster  # stopped before the group
+    distributed.init_distributed("gloo", timeout_s=60)  # gloo shares the GPU
+    assert gpu_cluster["backend"] == "gloo"

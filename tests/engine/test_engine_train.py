@@ -53,11 +53,18 @@ def test_exact_resume_equals_an_uninterrupted_run(engine_shards, tmp_path):
     assert train(tiny_config(engine_shards, split, **{**common, "train.max_steps": 3})) == 0
     assert train(tiny_config(engine_shards, split, **common)) == 0  # resume=auto: 3 more
     a, b = checkpoint_state(straight, 6), checkpoint_state(split, 6)
-    assert max_param_difference(a["model"], b["model"]) == 0.0
     assert a["loader"] == b["loader"]
     momentum = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
     resumed = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
-    assert all(torch.equal(x, y) for x, y in zip(momentum, resumed, strict=True))
+    if not torch.cuda.is_available():  # bitwise on the CPU
+        assert max_param_difference(a["model"], b["model"]) == 0.0
+        assert all(torch.equal(x, y) for x, y in zip(momentum, resumed, strict=True))
+    else:  # atomics in RoIAlign's backward and cuDNN: as close as two straight runs (loop.py)
+        for key in a["model"]:
+            if a["model"][key].is_floating_point():
+                torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-3, atol=1e-5)
+        for x, y in zip(momentum, resumed, strict=True):
+            torch.testing.assert_close(y, x, rtol=1e-3, atol=1e-5)
 
 
 def test_non_finite_losses_skip_steps_then_stop_the_run(engine_shards, tmp_path, caplog):
