@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.collectives import all_gather_objects, any_rank
+from pipeline.collectives import all_gather_objects, any_rank, barrier
 from pipeline.config import config_to_dict, dump_config, save_config
 from pipeline.data import build_train_loader
 from pipeline.distributed import DistInfo, device_for, init_distributed, shutdown_distributed
@@ -92,15 +92,17 @@ def run_tags(cfg, info: DistInfo, schedule) -> dict[str, str]:
     }
 
 
-def resume_position(state: dict, global_batch: int) -> tuple[int, int]:
+def resume_position(state: dict, global_batch: int, *, scaled: bool) -> tuple[int, int]:
     """(step, images seen) at which a run of ``global_batch`` images a step continues from a
-    checkpoint: the saved step on the same global batch; on another, the step of this run's
-    schedule that the same number of images reaches (rounded down; the loader resumes at the
-    exact sample). A checkpoint from before these keys were saved took the same batch."""
+    checkpoint: the saved step on the same global batch, or when the schedule is given in
+    steps (``scaled`` false); on another batch with a scaled schedule, the step of this
+    run's schedule that the same number of images reaches (rounded down; the loader resumes
+    at the exact sample either way). A checkpoint from before these keys were saved took
+    the same batch."""
     step = int(state["step"])
     saved_batch = int(state.get("global_batch", global_batch))
     images_seen = int(state.get("images_seen", step * saved_batch))
-    if saved_batch == global_batch:
+    if saved_batch == global_batch or not scaled:
         return step, images_seen
     return images_seen // global_batch, images_seen
 
@@ -153,7 +155,7 @@ def _train(cfg, info: DistInfo) -> int:
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         tracking_state = state.get("tracking")
-        step, images_seen = resume_position(state, schedule.global_batch)
+        step, images_seen = resume_position(state, schedule.global_batch, scaled=t.scale_schedule)
         # The saved optimizer and scheduler hold the saving run's rates; this run follows
         # the schedule of its own global batch from the same image position.
         place_schedule(scheduler, lr=schedule.lr, step=step)
@@ -285,6 +287,9 @@ def _train(cfg, info: DistInfo) -> int:
                 PREEMPTED_EXIT_CODE,
             )
         tracker.close("KILLED")
+        # Every rank leaves together: srun --kill-on-bad-exit and torchrun's agent kill the
+        # others as soon as one rank exits, which would cut rank 0's close short.
+        barrier()
         return PREEMPTED_EXIT_CODE
     if info.is_main:
         final = latest_entry(ckpt_dir)

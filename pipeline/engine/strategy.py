@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.collectives import barrier
 from pipeline.config import ConfigError
 
 from .checkpoint import (
@@ -142,16 +143,26 @@ class DDPStrategy:
     def save(
         self, ckpt_dir: Path, step: int, client_state: dict[str, Any], *, is_main: bool, keep: int
     ) -> None:
-        if not is_main:  # rank 0 holds the same model and optimizer as everyone
-            return
-        state = {
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            **client_state,
-        }
-        save_file_checkpoint(ckpt_dir, step, state, keep)
+        """Rank 0 writes and publishes the checkpoint (it holds the same model and optimizer
+        as everyone); every rank returns only once it is published."""
+        if is_main:
+            state = {
+                "model": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                **client_state,
+            }
+            save_file_checkpoint(ckpt_dir, step, state, keep)
+        # A rank that went on would exit (75) after a preemption while rank 0 still writes,
+        # and `srun --kill-on-bad-exit` or torchrun's agent would then kill rank 0 mid-write:
+        # the requeued job would go back to the previous checkpoint. The wait is bounded by
+        # the process group's timeout (distributed.timeout_s, 30 min by default): the
+        # barrier runs on gloo, which raises, or with distributed.backend=nccl on NCCL, whose
+        # watchdog aborts the job. A write slower than that (or than the grace after the
+        # preemption signal: train.sbatch's --signal lead, torchrun's --shutdown-timeout)
+        # loses only this checkpoint, since `latest` moves only once the entry is complete.
+        barrier()
 
     def load(self, path: Path, load_model) -> dict[str, Any]:
         """Restore everything from a checkpoint file; returns it for the loop's own keys.

@@ -92,3 +92,52 @@ def max_param_difference(a: dict, b: dict) -> float:
     return max(
         float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].is_floating_point()
     )
+
+
+# The interpreter below is a test's, written into its temporary directory: production code
+# keeps no test hooks. It makes rank 0's checkpoint write slow, as a large model's is on a
+# shared file system, so that a launcher that kills the job once another rank has exited
+# would catch rank 0 in the middle of the write.
+_SLOW_CHECKPOINT_PYTHON = '''#!{python}
+"""{python}, except that ``launch/train.py`` runs with a DDP checkpoint write that first
+sleeps {seconds} s while the run has no checkpoint yet (its first one: the preemption's in
+the tests; a resumed run then saves at full speed). Written by tests/engine/engine_helpers.py;
+usable as torchrun's script and as the PYTHON of the Slurm scripts."""
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+
+if len(sys.argv) < 2 or Path(sys.argv[1]).name != "train.py":  # config_value.py, -c ...
+    os.execv({python!r}, [{python!r}, *sys.argv[1:]])
+
+import pipeline.engine.strategy as strategy  # noqa: E402
+
+write = strategy.save_file_checkpoint  # DDPStrategy.save calls it by this name
+
+
+def slow_write(ckpt_dir, step, *args, **kwargs):
+    if not (Path(ckpt_dir) / "latest").exists():
+        rank = os.environ.get("RANK", "0")
+        print(f"slow checkpoint write: rank {{rank}} sleeps {seconds} s before writing step "
+              f"{{step}}", file=sys.stderr, flush=True)
+        time.sleep({seconds})
+    return write(ckpt_dir, step, *args, **kwargs)
+
+
+strategy.save_file_checkpoint = slow_write
+script = sys.argv[1]
+sys.path.insert(0, str(Path(script).resolve().parent))
+sys.exit(runpy.run_path(script, run_name="train_under_test")["main"](sys.argv[2:]))
+'''
+
+
+def slow_checkpoint_python(directory: Path, seconds: float) -> Path:
+    """An executable that runs Python scripts like this interpreter, but runs
+    ``launch/train.py``'s ``main`` with rank 0's first checkpoint write ``seconds`` slower."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "slow_checkpoint_python"
+    path.write_text(_SLOW_CHECKPOINT_PYTHON.format(python=sys.executable, seconds=seconds))
+    path.chmod(0o755)
+    return path
