@@ -3,10 +3,11 @@
 * ``ops._C``: the operator schemas and the CPU kernels, always built.
 * ``ops._C_cuda``: the CUDA kernels, built when a CUDA toolkit is found (``nvcc`` on PATH, or
   CUDA_HOME / CUDA_PATH set) or when FORCE_CUDA=1; FORCE_CUDA=0 skips it. TORCH_CUDA_ARCH_LIST
-  defaults to "8.0;9.0".
+  defaults to :func:`default_cuda_arch_list` ("7.5;8.0;9.0+PTX" with CUDA 13).
 
 Install with ``pip install --no-build-isolation -e .`` once torch is installed (the build imports
-it). MAX_JOBS bounds the parallel compile jobs.
+it). MAX_JOBS bounds the parallel compile jobs. Importing this file builds nothing (the tests read
+its defaults); setuptools runs it as ``__main__``.
 """
 
 import glob
@@ -40,20 +41,22 @@ def _cuda_home_from_nvcc() -> str | None:
     return os.path.dirname(match.group(1).strip()) if match else None
 
 
-# torch.utils.cpp_extension reads CUDA_HOME when it is imported, so settle it first.
-if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
-    _home = _cuda_home_from_nvcc()
-    if _home:
-        os.environ["CUDA_HOME"] = _home
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+def default_cuda_arch_list(cuda_version: str | None) -> str:
+    """TORCH_CUDA_ARCH_LIST when it is not set, for the CUDA version torch was built with.
 
-from setuptools import setup  # noqa: E402
-from torch.utils.cpp_extension import (  # noqa: E402
-    CUDA_HOME,
-    BuildExtension,
-    CppExtension,
-    CUDAExtension,
-)
+    Machine code (SASS) for 7.5 (T4), 8.0 (A100; the same cubin runs on 8.6 and 8.9: A10, L4,
+    RTX 30xx/40xx) and 9.0 (H100, H200), plus 7.0 (V100) below CUDA 13, which dropped Volta (and
+    Maxwell, Pascal): no CUDA 13 build can serve a V100. "+PTX" also embeds 9.0's PTX, which the
+    driver compiles at first load for any newer GPU (Blackwell's 10.x and 12.x), so no supported
+    GPU meets "no kernel image is available". The list stays short because each entry compiles
+    every kernel once more; set TORCH_CUDA_ARCH_LIST (e.g. "10.0;12.0") for SASS of other GPUs.
+    """
+    major = int(cuda_version.split(".")[0]) if cuda_version else None
+    archs = ["7.5", "8.0", "9.0"]
+    if major is not None and major < 13:
+        archs.insert(0, "7.0")
+    return ";".join(archs) + "+PTX"
+
 
 CSRC = os.path.join("ops", "csrc")
 # -g0: no debug info (Python's default CFLAGS add -g; it triples the objects' size and build time).
@@ -83,6 +86,8 @@ def _nvidia_wheel_include_dirs() -> list[str]:
 
 
 def _want_cuda() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+
     force = os.environ.get("FORCE_CUDA", "")
     if force in ("0", "1"):  # 1: build even without a toolkit check; 0: CPU only
         return force == "1"
@@ -90,6 +95,8 @@ def _want_cuda() -> bool:
 
 
 def _extensions() -> list:
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
     include_dirs = [os.path.abspath(CSRC)]
     extensions = [
         CppExtension(
@@ -115,7 +122,22 @@ def _extensions() -> list:
     return extensions
 
 
-setup(
-    ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExtension},
-)
+def main() -> None:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported, so settle it first.
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        home = _cuda_home_from_nvcc()
+        if home:
+            os.environ["CUDA_HOME"] = home
+    import torch
+
+    # torch's CUDA version: nvcc's major must match it (torch.utils.cpp_extension checks).
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_cuda_arch_list(torch.version.cuda))
+
+    from setuptools import setup
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExtension})
+
+
+if __name__ == "__main__":
+    main()

@@ -11,8 +11,10 @@ float32) with RoIs of any floating dtype, and under autocast (CPU or CUDA) every
 and gives its output back in the features' dtype. Channels-last features are pooled in place.
 
 The kernels live in ``ops/csrc`` and register the ``torch.ops.maskrcnn_ops`` operators (CPU and,
-when built, CUDA). When they cannot be loaded, the functions below fall back to the pure-PyTorch
-``ops.reference`` implementations with a single warning.
+when built, CUDA). Without the compiled kernels, the functions below fall back on CPU tensors to
+the pure-PyTorch ``ops.reference`` implementations with a single warning. On CUDA tensors without
+the CUDA kernels they raise ``CUDAKernelsNotBuiltError`` (a RuntimeError) saying how to build them:
+the reference does not scale to the GPU's workloads.
 """
 
 from . import _extension
@@ -25,10 +27,12 @@ if _extension.HAS_CPU_KERNELS:
 
 HAS_CPU_KERNELS = _extension.HAS_CPU_KERNELS
 HAS_CUDA_KERNELS = _extension.HAS_CUDA_KERNELS
+CUDAKernelsNotBuiltError = _extension.CUDAKernelsNotBuiltError
 
 __all__ = [
     "HAS_CPU_KERNELS",
     "HAS_CUDA_KERNELS",
+    "CUDAKernelsNotBuiltError",
     "batched_nms",
     "default_spatial_scales",
     "map_rois_to_levels",

@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.distributed import DistInfo, dist_info_from_env, init_distributed, resolve_backend
 
@@ -18,7 +19,9 @@ def test_single_process_needs_no_group(monkeypatch):
     info = init_distributed()
     assert info == DistInfo()
     assert info.is_main and info.num_nodes == 1
-    assert resolve_backend("auto") == "gloo"  # no GPU here; "nccl" where there is one
+    # NCCL for CUDA tensors and Gloo for CPU ones where there is a GPU, Gloo alone otherwise.
+    expected = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+    assert resolve_backend("auto") == expected
 
 
 def test_env_parsing():

@@ -144,3 +144,104 @@ def test_fallback_to_reference_without_kernels():
     )
     assert result.returncode == 0, result.stderr
     assert "fallback ok" in result.stdout
+
+
+def fake_cuda_inputs():
+    """CUDA tensors without a GPU: FakeTensors on device "cuda", what a GPU box's tensors (and
+    torch.compile's tracing there) present to the ops' dispatch. Call inside a FakeTensorMode."""
+    x = torch.empty(2, 3, 16, 16, device="cuda")
+    coarse = torch.empty(2, 3, 8, 8, device="cuda")
+    rois = torch.zeros(4, 5, device="cuda")
+    boxes = torch.zeros(4, 4, device="cuda")
+    scores = torch.zeros(4, device="cuda")
+    idxs = torch.zeros(4, dtype=torch.int64, device="cuda")
+    return {
+        "roi_align": lambda: ops.roi_align(x, rois, 2, 0.5),
+        "multilevel_roi_align": lambda: ops.multilevel_roi_align(
+            [x, coarse], rois, 2, spatial_scales=[0.5, 0.25]
+        ),
+        "nms": lambda: ops.nms(boxes, scores, 0.5),
+        "batched_nms": lambda: ops.batched_nms(boxes, scores, idxs, 0.5),
+    }
+
+
+def test_cuda_tensors_without_cuda_kernels_raise(monkeypatch):
+    """No ops._C_cuda: a CUDA tensor stops with one line on how to build the kernels, instead of
+    running ops.reference on the GPU (tens of GB of index tensors, NMS walked on the host)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ops import _extension, reference
+
+    monkeypatch.setattr(_extension, "HAS_CUDA_KERNELS", False)
+    monkeypatch.setattr(_extension, "_CUDA_LOAD_ERROR", "ops._C_cuda is not built")
+    for name in ("roi_align", "multilevel_roi_align", "nms", "batched_nms"):
+        monkeypatch.setattr(reference, name, lambda *a, _name=name, **k: pytest.fail(_name))
+    with FakeTensorMode():
+        calls = fake_cuda_inputs()
+        for name, call in calls.items():
+            with pytest.raises(ops.CUDAKernelsNotBuiltError) as caught:
+                call()
+            message = str(caught.value)
+            assert isinstance(caught.value, RuntimeError), name
+            assert "\n" not in message, name
+            assert "ops._C_cuda is not built" in message, name
+            assert "FORCE_CUDA=1" in message, name
+
+
+def test_cuda_tensors_with_cuda_kernels_use_them(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ops import _extension
+
+    monkeypatch.setattr(_extension, "HAS_CUDA_KERNELS", True)
+    monkeypatch.setattr(_extension, "HAS_CPU_KERNELS", False)  # irrelevant to CUDA tensors
+    with FakeTensorMode():
+        assert not _extension.use_reference(torch.empty(3, device="cuda"))
+    assert _extension.use_reference(torch.empty(3))  # CPU tensors: the reference, as before
+
+
+def test_gpu_box_without_cuda_build_raises_on_cuda_tensors():
+    """A machine with a GPU and ops._C but no ops._C_cuda (built without nvcc): importing ops is
+    silent, CPU tensors use the CPU kernels, CUDA tensors raise the build hint."""
+    script = textwrap.dedent(
+        """
+        import importlib.util, warnings
+        import torch
+        torch.cuda.is_available = lambda: True  # a GPU box
+        real_find_spec = importlib.util.find_spec
+        def find_spec(name, *args, **kwargs):
+            if name == "ops._C_cuda":
+                return None  # built without nvcc
+            return real_find_spec(name, *args, **kwargs)
+        importlib.util.find_spec = find_spec
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import ops
+        messages = [str(w.message) for w in caught if "ops:" in str(w.message)]
+        assert not messages, messages
+        assert ops.HAS_CPU_KERNELS and not ops.HAS_CUDA_KERNELS
+        boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10]])
+        assert torch.equal(ops.nms(boxes, torch.tensor([0.3, 0.9]), 0.5), torch.tensor([1]))
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode():
+            features = torch.empty(1, 2, 9, 9, device="cuda")
+            rois = torch.zeros(3, 5, device="cuda")
+            try:
+                ops.roi_align(features, rois, 3)
+            except ops.CUDAKernelsNotBuiltError as error:
+                print("raised:", error)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raised: ops:"), result.stdout
+    assert "ops._C_cuda is not built" in lines[0] and "FORCE_CUDA=1" in lines[0]
