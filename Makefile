@@ -76,5 +76,23 @@ demo: install
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri $(DEMO_MLFLOW)"
 	@echo "Compare:   $(PY) launch/compare.py --uri $(DEMO_MLFLOW) --experiment maskrcnn --filter \"tags.stage = 'train'\""
 
+# make gpu-check: the CUDA check for a lent GPU machine, within 8 minutes of one H100: the ops
+# built against $(PYTHON)'s own torch (no venv), the CUDA op tests, the ops benchmark against
+# torchvision's CUDA ops, the demo config for 100 steps in fp32/bf16/fp16 and its evaluation, and
+# with 2+ GPUs DDP, DeepSpeed ZeRO-2 and a 2-process evaluation; one table at the end, also in
+# GPU_CHECK_OUT/gpu-check.md. Without CUDA it says so in one line and exits 2.
+# `make gpu-check GPU_CHECK_ARGS=--help` says more. Through the device tool, in one run, after
+# `make gpu-wheels` here (the wheels that machine's Python lacks, into the ignored .whl/):
+#   run(command="make gpu-check PYTHON=python3 GPU_CHECK_OUT=$OUT", carry=[".whl"], timeout_s=600)
+GPU_CHECK_OUT ?= outputs/gpu-check
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check gpu-wheels
+
+gpu-check:
+	@$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) --wheels .whl $(GPU_CHECK_ARGS)
+
+gpu-wheels:
+	$(PYTHON) benchmarks/gpu_check.py --download-wheels .whl
+
 clean:
 	rm -rf build *.egg-info ops/*.so

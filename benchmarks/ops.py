@@ -1,4 +1,4 @@
-"""CPU benchmark of the native ops against torchvision, measured in the same run.
+"""Benchmark of the native ops against torchvision (CPU; CUDA with --device cuda), same run.
 
     python benchmarks/ops.py            # the full sizes below, median of --repeats runs
     python benchmarks/ops.py --quick    # small sizes, one run each: a smoke test
@@ -14,6 +14,13 @@ ratio is torchvision's median time over ours at that thread count (> 1: ours is 
 Ours and torchvision's calls alternate within each repeat so that both see the same machine load.
 Each case's name says what it compares, e.g. our pooler on channels-last P2-P5 against
 torchvision's MultiScaleRoIAlign on the same tensors (which copies each level to NCHW).
+
+    python benchmarks/ops.py --device cuda   # the same cases on the GPU, against torchvision's CUDA
+
+On CUDA the tensors are made on the GPU and each call is timed in wall time between two
+synchronizations; there is no thread count, and the CPU goals do not apply (none is judged). A
+result that differs from torchvision's is reported in the row rather than stopping the run: the
+two CUDA kernels need not round alike.
 """
 
 import argparse
@@ -215,6 +222,41 @@ def measure(case: Case, repeats: int, threads: int) -> tuple[float, float]:
     return statistics.median(ours), statistics.median(theirs)
 
 
+def measure_synced(
+    case: Case, repeats: int, synchronize: Callable[[], None]
+) -> tuple[float, float, bool]:
+    """(median seconds of ours, of torchvision's, whether their results agree): wall time between
+    two synchronize() calls, so that the asynchronous kernels are counted whole."""
+    agree = bool(case.check(case.ours(), case.theirs()))  # also the warm-up
+    ours, theirs = [], []
+    for r in range(repeats):
+        pair = [(case.ours, ours), (case.theirs, theirs)]
+        for fn, times in pair if r % 2 == 0 else reversed(pair):
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            times.append(time.perf_counter() - start)
+    return statistics.median(ours), statistics.median(theirs), agree
+
+
+def main_cuda(quick: bool, repeats: int) -> int:
+    if not torch.cuda.is_available() or not ops.HAS_CUDA_KERNELS:
+        print("ops: no CUDA device or CUDA kernels; nothing to benchmark", file=sys.stderr)
+        return 1
+    # The cases' factories (torch.randn, torch.full, ...) make their tensors on the GPU.
+    with torch.device("cuda"):
+        cases = build_cases(quick)
+    print(f"CUDA ({torch.cuda.get_device_name()}), median of {repeats} run(s), wall time in ms.")
+    print("ratio = torchvision's time / ours (> 1: ours faster).")
+    print(f"{'op':<46}{'ours':>9}{'torchvision':>12}{'ratio':>9}  result")
+    for case in cases:
+        ours, theirs, agree = measure_synced(case, repeats, torch.cuda.synchronize)
+        row = f"{case.name:<46}{ours * 1e3:>9.2f}{theirs * 1e3:>12.2f}{theirs / ours:>8.2f}x"
+        print(f"{row}  {'same' if agree else 'DIFFERS'}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, one run: smoke test")
@@ -222,7 +264,13 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=torch.get_num_threads(), help="threads of the N-thread run"
     )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where the ops run (default cpu)"
+    )
     args = parser.parse_args()
+    if args.device == "cuda":
+        torch.manual_seed(0)
+        return main_cuda(args.quick, 1 if args.quick else args.repeats)
     if not ops.HAS_CPU_KERNELS:
         print("ops: the compiled kernels are not built; nothing to benchmark", file=sys.stderr)
         return 1
