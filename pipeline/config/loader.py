@@ -222,6 +222,19 @@ def _build(cls: type, tree: dict, prefix: str, sources: dict[str, str]):
     return cls(**kwargs)
 
 
+# YAML 1.1 (PyYAML) reads these words as booleans: `amp: off` and `train.amp=off` give False.
+_YAML_BOOL_WORDS = {False: ("off", "no", "false", "n"), True: ("on", "yes", "true", "y")}
+
+
+def _yaml_word(value: Any, choices: tuple) -> Any:
+    """The string choice that YAML read as a boolean (``off`` for ``train.amp``), if exactly
+    one choice is such a word; otherwise the value as it is."""
+    if not isinstance(value, bool) or not all(isinstance(c, str) for c in choices):
+        return value
+    words = [c for c in choices if c.lower() in _YAML_BOOL_WORDS[value]]
+    return words[0] if len(words) == 1 else value
+
+
 def _coerce(value: Any, hint: Any, key: str, sources: dict[str, str]) -> Any:
     source = sources.get(key) or _first_source(sources, key + ".")
 
@@ -237,6 +250,7 @@ def _coerce(value: Any, hint: Any, key: str, sources: dict[str, str]) -> Any:
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
         choices = typing.get_args(hint)
+        value = _yaml_word(value, choices)
         if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
             fail("one of " + ", ".join(repr(c) for c in choices))
         return value

@@ -224,3 +224,13 @@ def test_entry_point_parsing_accepts_positional_or_flag():
     with pytest.raises(SystemExit) as exit_info:
         parse_config_args(["--config", path, "train.nope=1"])
     assert exit_info.value.code == 2
+
+
+def test_a_choice_that_yaml_reads_as_a_boolean_is_taken_as_written(tmp_path):
+    # YAML 1.1 reads `off` as False; train.amp's choice is the word "off".
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    path = tmp_path / "amp.yaml"
+    path.write_text("train:\n  amp: off\n")
+    assert load_config(path).train.amp == "off"
+    with pytest.raises(ConfigError, match=r"train\.amp expects one of"):
+        load_config(None, ["train.amp=on"])  # no choice is such a word: still refused
