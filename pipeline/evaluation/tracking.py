@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from pipeline.config import Config
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, recorded_run
 
 from .checkpoints import LoadedCheckpoint
 from .report import EvalReport
@@ -32,7 +32,10 @@ def open_tracker(cfg: Config, checkpoint: LoadedCheckpoint, run_dir) -> tuple[Tr
     tracking = cfg.tracking
     common = dict(run_dir=run_dir, stage="eval", experiment=tracking.experiment,
                   enabled=tracking.enabled)  # fmt: skip
-    run_id = checkpoint.tracking.get("run_id")
+    saved = checkpoint.tracking
+    # A checkpoint saved while the server was away names no run; the training run's
+    # run.json has it once MLflow created it.
+    run_id = saved.get("run_id") or recorded_run(saved.get("run_dir"), saved.get("uri"))
     if tracking.enabled and run_id:
         tracker = Tracker(**common, uri=checkpoint.tracking.get("uri") or tracking.uri,
                           run_id=run_id)  # fmt: skip

@@ -1,21 +1,28 @@
-"""The background thread that delivers a Tracker's records to MLflow.
+"""The threads that deliver a run directory's spool (``spool.py``) to MLflow.
 
-Training must never wait on MLflow, and nothing may be lost while the server is away. So
-the Tracker's log calls only append to the in-memory queues here (a lock, an append, a
-notify: microseconds), and one daemon thread does every MLflow call:
+Training must never wait on MLflow, and nothing may be lost while the server is away or when
+the process dies. The Tracker's log calls only append to the spool; two daemon threads read
+it and do every MLflow call, in one process per run directory at a time (the one holding the
+lock on the spool; another process's Tracker waits for it and meanwhile only reads the
+state file):
 
-- It first opens the run (``open_run``: create, resume or attach), then sends params, tags
-  and metrics in ``log_batch`` calls of at most MLflow's limits, then artifacts, and at
-  close the run's end status.
+- The main lane first opens the run of this process's session (checks a known or attached
+  run, or creates one as soon as a server answers), then sends the records in order: params,
+  tags and metrics in ``log_batch`` calls within MLflow's limits, a session's start (a
+  resumed run is set RUNNING again) and a run's end status.
+- The artifact lane uploads the artifacts, so that a slow upload holds back neither the
+  metrics nor the end status.
+- Each lane records in the state file how far it has delivered; a chunk of the main lane
+  is recorded as in flight before it is sent, so a successor knows which points MLflow may
+  already hold. A resent point keeps its timestamp: the SQL store ignores it; for other
+  stores the points of that chunk that the run holds are left out.
 - An error a retry can fix (connection refused, timeout, HTTP 5xx, a locked SQLite file)
-  puts the batch back at the head of its queue and retries with back-off (1 s doubling to
-  30 s; 1 s while someone waits in ``flush``). The first such error logs ONE warning; the
-  first success after it logs ONE "back" warning. An error a retry cannot fix (HTTP 4xx: a
-  rejected value, a missing run) drops the batch's items, one by one so that a single bad
-  item does not take its neighbours with it, with one warning per key.
-- Queued metric points are bounded (``max_queued_metrics``); beyond that the oldest are
-  dropped, announced by one warning, and their number is reported when MLflow is back or
-  the run ends.
+  retries with back-off (1 s doubling to 10 s, 2 s until the run exists; 1 s while someone
+  waits in ``flush``). The first such error logs ONE warning; the first success after it
+  logs ONE "back" warning.
+  An error a retry cannot fix (HTTP 4xx: a rejected value) drops the batch's items, one by
+  one so that a single bad item does not take its neighbours with it, one warning per key.
+  A run that cannot be opened (an attached run id MLflow does not know) drops its records.
 """
 
 from __future__ import annotations
@@ -25,47 +32,34 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from . import runs
+from .chunks import CHUNK_BYTES, Chunk, identity, read_chunk
+from .spool import ARTIFACT, SESSION, SPOOL_FILE, read_records
+from .state import DeliveryState, undelivered_counts
+
 logger = logging.getLogger(__name__)
 
-# MLflow's limits on one log_batch call.
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_PER_BATCH = 100
-MAX_TAGS_PER_BATCH = 100
-RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
+RETRY_MIN_S, RETRY_MAX_S = 1.0, 10.0
+# Until this process's run exists, a retry every 2 s at most: the run is created (and its id
+# goes into run.json and the next checkpoint) as soon as a server answers.
+RETRY_UNOPENED_MAX_S = 2.0
 RETRY_WHILE_FLUSHING_S = 1.0
-# After being woken by new records, wait this long so that a few steps share one batch.
-LINGER_S = 0.2
-
-MetricPoint = tuple[str, float, int, int]  # key, value, timestamp (ms), step
+POLL_S = 0.5  # an idle lane looks for new records this often: a few steps share one batch
+FSYNC_EVERY_S = 5.0
 THREAD_NAME = "mlflow-sender"
 
 
 def _not_from_sender(record: logging.LogRecord) -> bool:
-    return record.threadName != THREAD_NAME
-
-
-def is_permanent(exc: BaseException) -> bool:
-    """True for errors that no retry can fix: HTTP 4xx (except timeout / rate limit)."""
-    if isinstance(exc, (FileNotFoundError, ImportError)):  # an artifact gone; no mlflow
-        return True
-    status = None
-    if callable(getattr(exc, "get_http_status_code", None)):  # MlflowException
-        status = exc.get_http_status_code()
-    elif getattr(exc, "response", None) is not None:  # requests.HTTPError (artifact upload)
-        status = getattr(exc.response, "status_code", None)
-    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
-
-
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    return not record.threadName.startswith(THREAD_NAME)
 
 
 class Sender:
-    """Queues a run's records and delivers them from a daemon thread; see the module doc."""
+    """Delivers ``run_dir``'s spool; see the module doc. ``own`` is this process's session
+    record (None: only deliver what is there); ``on_run(run_id)`` is called when its run is
+    known (run.json)."""
 
     def __init__(
         self,
@@ -73,345 +67,380 @@ class Sender:
         uri: str,
         run_dir: Path,
         stage: str,
-        open_run: Callable[[Any], str],
-        run_id: str | None = None,
-        max_queued_metrics: int = 1_000_000,
+        own: dict[str, Any] | None,
+        sessions: dict[str, dict[str, Any]],
+        on_run: Callable[[str], None],
     ):
         self.uri, self.run_dir, self.stage = uri, run_dir, stage
-        self.run_id = run_id  # known up front when attaching or resuming; else set by open_run
-        self._open_run = open_run
-        self._max_metrics = max_queued_metrics
+        self.spool = run_dir / SPOOL_FILE
+        self._own, self._sessions, self._on_run = own, sessions, on_run
         self._cond = threading.Condition()
-        self._metrics: deque[MetricPoint] = deque()
-        self._params: dict[str, str] = {}
-        self._tags: dict[str, str] = {}
-        self._artifacts: deque[tuple[str, str | None]] = deque()
-        self._singles: deque[tuple[str, Any]] = deque()  # items of a rejected batch
-        self._end_status: str | None = None
-        self._inflight: tuple[str, Any] | None = None
-        self._opened = False
-        self._dead = False  # the run could not be opened for good: drop everything
-        self._stopping = False
-        self._abandoned = False
+        self._lock = threading.Lock()  # for the outage bookkeeping
+        self._resolve_lock = threading.Lock()
+        self._st = DeliveryState(run_dir)
+        self._follower = False  # another process holds the spool: read its state file
+        self._chunk: Chunk | None = None
+        self._own_checked = False
+        self._stopping = self._abandoned = False
+        self._gone = False  # the spool was removed (its run directory deleted)
         self._flush_waiters = 0
         self._down_since: float | None = None
-        self._dropped = 0  # metric points dropped since last reported
-        self._warned_keys: set[tuple[str, str]] = set()
+        self._warned: set[str] = set()
         self._client = None
+        self._lane_state = threading.local()
+        self._synced_at = time.monotonic()
         self.first_attempt = threading.Event()  # the first try to open the run has ended
         # urllib3 warns at every retried request; while the server is away that would be one
-        # warning per attempt from this thread, which reports the outage once by itself.
+        # warning per attempt from these threads, which report the outage once by themselves.
         retries = logging.getLogger("urllib3.connectionpool")
         if _not_from_sender not in retries.filters:
             retries.addFilter(_not_from_sender)
-        self._thread = threading.Thread(target=self._work, name=THREAD_NAME, daemon=True)
+        self._artifact_thread = threading.Thread(
+            target=self._artifact_lane, name=THREAD_NAME + "-artifacts", daemon=True
+        )
+        self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self._thread.start()
 
-    # --- called by the Tracker (any thread; never blocks on MLflow) -------------------
-
-    def add_metrics(self, points: list[MetricPoint]):
-        with self._cond:
-            if self._dead or self._stopping:
-                return
-            self._metrics.extend(points)
-            self._trim_metrics()
-            self._cond.notify()
-
-    def add_params(self, params: dict[str, str]):
-        self._add(self._params, params)
-
-    def add_tags(self, tags: dict[str, str]):
-        self._add(self._tags, tags)
-
-    def add_artifact(self, path: str, artifact_path: str | None):
-        with self._cond:
-            if not (self._dead or self._stopping):
-                self._artifacts.append((path, artifact_path))
-                self._cond.notify()
-
-    def end(self, status: str):
-        with self._cond:
-            if not (self._dead or self._stopping):
-                self._end_status = status
-                self._cond.notify()
+    # --- what the Tracker asks ---------------------------------------------------------
 
     @property
-    def dead(self) -> bool:
-        """MLflow refused to open the run (e.g. an unknown run id): everything is dropped."""
-        return self._dead
+    def run_id(self) -> str | None:
+        if self._own is None:
+            return None
+        return self._st.runs.get(self._own["local"]) or self._own.get("run_id")
 
-    def pending(self) -> dict[str, int]:
-        """What has not been delivered yet, by kind (``run`` is 1 until the run is open)."""
-        with self._cond:
-            return self._counts()
+    @property
+    def own_dead(self) -> bool:
+        return self._own is not None and self._own["local"] in self._st.dead
 
-    def flush(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s until everything queued is delivered; True if it was."""
+    @property
+    def own_open(self) -> bool:
+        return self._own is not None and self._own["local"] in self._st.runs
+
+    def flush(self, timeout: float, upto: int) -> bool:
+        """Wait up to ``timeout`` s until the spool is delivered up to byte ``upto``."""
         deadline = time.monotonic() + timeout
         with self._cond:
             self._flush_waiters += 1
-            self._cond.notify_all()  # cut short a back-off wait
+            self._cond.notify_all()  # cut short a back-off or an idle wait
             try:
-                while not self._idle() and not self._dead:
+                while not (self.own_dead or self._gone):
+                    if self._follower:
+                        self._st.load()
+                    if min(self._st.offsets.values()) >= upto:
+                        return True
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return False
-                    self._cond.wait(remaining)
-                return not self._dead
+                    self._cond.wait(min(remaining, POLL_S))
+                return False
             finally:
                 self._flush_waiters -= 1
 
-    def close(self, timeout: float) -> bool:
-        """Flush for up to ``timeout`` s, then stop; warn once about what was not delivered."""
-        delivered = self.flush(timeout)
+    def close(self, timeout: float, upto: int) -> bool:
+        """Flush for up to ``timeout`` s, then stop; warn once about what was not delivered
+        (it stays in the spool for the next process)."""
+        delivered = self.flush(timeout, upto)
         with self._cond:
             self._stopping = True
             self._abandoned = not delivered
-            counts = self._counts()
             self._cond.notify_all()
         if delivered:
             self._thread.join(timeout=5)
-        elif not self._dead:
-            labels = {"metrics": "metric points", "params": "params", "tags": "tags"}
-            lost = [f"{counts[k]} {label}" for k, label in labels.items() if counts[k]]
-            lost += [f"{counts['artifacts']} artifacts"] if counts["artifacts"] else []
-            lost += ["the run's end status"] if counts["end"] else []
-            if self._dropped:
-                lost.append(f"{self._dropped} older metric points dropped earlier")
-            logger.warning(
-                "tracking: gave up on MLflow at %s after %.0f s%s: not delivered: %s; the %s "
-                "stage's outputs are in %s",
-                self.uri,
-                timeout,
-                " (the run was never created)" if counts["run"] else "",
-                ", ".join(lost) or "nothing else",
-                self.stage,
-                self.run_dir,
-            )
+            if self._artifact_thread.is_alive():
+                self._artifact_thread.join(timeout=5)
+        elif not (self.own_dead or self._gone):
+            self._warn_undelivered(timeout)
+        self._st.release()  # an abandoned thread writes no state after this
         return delivered
 
-    # --- bookkeeping (callers hold self._cond) ----------------------------------------
+    # --- bookkeeping -------------------------------------------------------------------
 
-    def _add(self, queue: dict[str, str], items: dict[str, str]):
+    def _save(self):
+        self._st.save()
         with self._cond:
-            if not (self._dead or self._stopping):
-                queue.update(items)
-                self._cond.notify()
+            self._cond.notify_all()
 
-    def _trim_metrics(self):
-        over = len(self._metrics) - self._max_metrics
-        if over <= 0:
-            return
-        for _ in range(over):
-            self._metrics.popleft()
-        if not self._dropped:
-            logger.warning(
-                "tracking: more than %d metric points are waiting for MLflow at %s; dropping "
-                "the oldest (how many is reported when MLflow is back or the run ends)",
-                self._max_metrics,
-                self.uri,
-            )
-        self._dropped += over
-
-    def _counts(self) -> dict[str, int]:
-        counts = {
-            "run": 0 if self._opened else 1,
-            "metrics": len(self._metrics),
-            "params": len(self._params),
-            "tags": len(self._tags),
-            "artifacts": len(self._artifacts),
-            "end": int(self._end_status is not None),
-        }
-        for kind, payload in [*self._singles, *([self._inflight] if self._inflight else [])]:
-            if kind != "open":
-                counts[kind] += len(payload) if kind in ("metrics", "params", "tags") else 1
-        return counts
-
-    def _idle(self) -> bool:
-        return self._inflight is None and not any(self._counts().values())
-
-    def _take(self) -> tuple[str, Any] | None:
-        """The next unit of work, highest priority first, or None if there is none."""
-        if not self._opened:
-            return ("open", None)
-        if self._singles:
-            kind, item = self._singles.popleft()
-            return (kind, [item]) if kind in ("metrics", "params", "tags") else (kind, item)
-        for kind, queue, limit in (
-            ("params", self._params, MAX_PARAMS_PER_BATCH),
-            ("tags", self._tags, MAX_TAGS_PER_BATCH),
-        ):
-            if queue:
-                return kind, [(key, queue.pop(key)) for key in list(islice(queue, limit))]
-        if self._metrics:
-            n = min(len(self._metrics), MAX_METRICS_PER_BATCH)
-            return "metrics", [self._metrics.popleft() for _ in range(n)]
-        if self._artifacts:
-            return "artifacts", self._artifacts.popleft()
-        if self._end_status is not None:
-            status, self._end_status = self._end_status, None
-            return "end", status
-        return None
-
-    def _put_back(self, job: tuple[str, Any]):
-        kind, payload = job
-        if kind in ("params", "tags"):
-            queue = self._params if kind == "params" else self._tags
-            merged = {**dict(payload), **queue}  # a value logged since then wins
-            queue.clear()
-            queue.update(merged)
-        elif kind == "metrics":
-            self._metrics.extendleft(reversed(payload))
-            self._trim_metrics()
-        elif kind == "artifacts":
-            self._artifacts.appendleft(payload)
-        elif kind == "end" and self._end_status is None:
-            self._end_status = payload
-
-    # --- the worker thread -------------------------------------------------------------
-
-    def _next_job(self) -> tuple[str, Any] | None:
-        with self._cond:
-            while not (self._abandoned or self._dead):
-                job = self._take()
-                if job is not None:
-                    self._inflight = job
-                    return job
-                if self._stopping:
-                    return None
-                self._cond.wait()
-                linger_until = time.monotonic() + LINGER_S
-                while not (self._flush_waiters or self._stopping):
-                    remaining = linger_until - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._cond.wait(remaining)
+    def _session_of(self, record: dict[str, Any]) -> dict[str, Any] | None:
+        if record["k"] == "session":
+            self._sessions.setdefault(record.get("q", ""), record)
+        session = self._sessions.get(record.get("q", ""))
+        if session is not None and session.get("uri") != self.uri:
+            self._warn_once(f"uri:{session.get('uri')}", "tracking: records of %s for MLflow at "
+                            "%s are not sent to %s; they stay in %s", session.get("stage"),
+                            session.get("uri"), self.uri, self.spool)  # fmt: skip
             return None
+        return session
 
-    def _work(self):
-        delay = RETRY_MIN_S
-        while (job := self._next_job()) is not None:
-            try:
-                self._do(job)
-                error = None
-            except Exception as exc:  # every failure is either retried or dropped
-                error = exc
-            if error is not None and not is_permanent(error):
-                with self._cond:
-                    self._put_back(job)
-                    self._inflight = None
-                    self._cond.notify_all()
-                self._went_away(error)
-                if job[0] == "open":
-                    self.first_attempt.set()
-                self._wait_to_retry(delay)
-                delay = min(2 * delay, RETRY_MAX_S)
-                continue
-            if error is not None:
-                self._reject(job, error)
-            if job[0] == "open":
-                self.first_attempt.set()
-            delay = RETRY_MIN_S
-            self._reachable()
-            with self._cond:
-                self._inflight = None
-                self._cond.notify_all()
+    def _warn_once(self, key: str, message: str, *args):
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
 
-    def _do(self, job: tuple[str, Any]):
-        kind, payload = job
-        if kind == "open":
-            if self._client is None:
-                from mlflow.tracking import MlflowClient  # slow import: here, not in training
+    def _quit(self) -> bool:
+        return self._abandoned or self._stopping or self._gone
 
-                self._client = MlflowClient(tracking_uri=self.uri)
-            self.run_id = self._open_run(self._client)
-            with self._cond:
-                self._opened = True
-            return
-        from mlflow.entities import Metric, Param, RunTag
-
-        client = self._client
-        if kind == "params":
-            params = [Param(k, v) for k, v in payload]
-            client.log_batch(self.run_id, params=params, synchronous=True)
-        elif kind == "tags":
-            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in payload], synchronous=True)
-        elif kind == "metrics":
-            metrics = [Metric(k, v, ts, step) for k, v, ts, step in payload]
-            client.log_batch(self.run_id, metrics=metrics, synchronous=True)
-        elif kind == "artifacts":
-            path, artifact_path = payload
-            if not Path(path).exists():
-                raise FileNotFoundError(f"artifact {path} no longer exists")
-            client.log_artifact(self.run_id, path, artifact_path)
-        elif kind == "end":
-            client.set_terminated(self.run_id, status=payload)
-
-    def _reject(self, job: tuple[str, Any], exc: Exception):
-        """MLflow refused ``job`` for good: split a batch into single items, else drop it."""
-        kind, payload = job
+    def _idle_wait(self):
         with self._cond:
-            if kind == "open":
-                self._dead = True
-                for queue in (self._metrics, self._params, self._tags, self._artifacts):
-                    queue.clear()
-                self._singles.clear()
-                self._end_status = None
-            elif kind in ("metrics", "params", "tags") and len(payload) > 1:
-                self._singles.extendleft((kind, item) for item in reversed(payload))
-                return
-            key = (kind, str(payload[0][0] if kind in ("metrics", "params", "tags") else payload))
-            if key in self._warned_keys:
-                return
-            self._warned_keys.add(key)
-        if kind == "open":
-            logger.warning(
-                "tracking: MLflow at %s refused the run (%s); the %s stage goes on without "
-                "tracking, and its outputs stay in %s",
-                self.uri,
-                _reason(exc),
-                self.stage,
-                self.run_dir,
-            )
-        else:
-            reason = _reason(exc)
-            logger.warning("tracking: MLflow rejected %s %s (%s); dropped", kind, key[1], reason)
-
-    def _went_away(self, exc: Exception):
-        if self._down_since is not None or self._abandoned:
-            return
-        self._down_since = time.monotonic()
-        logger.warning(
-            "tracking: MLflow at %s is unreachable (%s); the %s stage goes on, and what it logs "
-            "is queued and sent when MLflow is back (outputs are in %s)",
-            self.uri,
-            _reason(exc),
-            self.stage,
-            self.run_dir,
-        )
-
-    def _reachable(self):
-        if self._down_since is None or self._abandoned:
-            return
-        with self._cond:
-            queued = sum(self._counts().values())
-            dropped, self._dropped = self._dropped, 0
-        logger.warning(
-            "tracking: MLflow at %s is back after %.0f s; sending %d queued records%s",
-            self.uri,
-            time.monotonic() - self._down_since,
-            queued,
-            f" ({dropped} older metric points were dropped)" if dropped else "",
-        )
-        self._down_since = None
+            if not (self._flush_waiters or self._quit()):
+                self._cond.wait(POLL_S)
 
     def _wait_to_retry(self, delay: float):
         start = time.monotonic()
         with self._cond:
-            while not self._abandoned:
-                hurry = self._flush_waiters or self._stopping
+            while not self._quit():
+                hurry = self._flush_waiters
                 until = start + (min(delay, RETRY_WHILE_FLUSHING_S) if hurry else delay)
                 remaining = until - time.monotonic()
                 if remaining <= 0:
                     return
                 self._cond.wait(remaining)
+
+    def _went_away(self, exc: Exception):
+        with self._lock:
+            if self._down_since is not None or self._abandoned:
+                return
+            self._down_since = time.monotonic()
+        logger.warning(
+            "tracking: MLflow at %s is unreachable (%s); the %s stage goes on, and what it logs "
+            "is kept in %s and sent when MLflow is back",
+            self.uri,
+            runs.reason(exc),
+            self.stage,
+            self.spool,
+        )
+
+    def _reachable(self):
+        with self._lock:
+            if self._down_since is None or self._abandoned:
+                return
+            down, self._down_since = time.monotonic() - self._down_since, None
+        logger.warning("tracking: MLflow at %s is back after %.0f s; sending what was logged "
+                       "meanwhile", self.uri, down)  # fmt: skip
+
+    def _mlflow(self):
+        self._lane_state.contacted = True
+        if self._client is None:
+            from mlflow.tracking import MlflowClient  # slow import: here, not in training
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    # --- opening runs (either lane; under the resolve lock) ------------------------------
+
+    def _resolve(self, local: str, verify: bool = False):
+        """Make sure ``local`` has an MLflow run: a known one (checked if ``verify``), one an
+        earlier process created without recording it, or a new one. Raises transient errors."""
+        with self._resolve_lock:
+            if local in self._st.dead or (local in self._st.runs and not verify):
+                return
+            # A copy: the other lane may add a session meanwhile.
+            sessions = [s for s in list(self._sessions.values()) if s.get("local") == local]
+            first = sessions[0]
+            known = self._st.runs.get(local) or next(
+                (s["run_id"] for s in reversed(sessions) if s.get("run_id")), None
+            )
+            client = self._mlflow()
+            if known:
+                state = runs.run_state(client, known)
+                if state == "active":
+                    how = "logging into" if first.get("attach") else "continuing"
+                    return self._opened(local, known, how)
+                if first.get("attach") or state == "refused":
+                    return self._refused(local, f"run {known} is {state}")
+                logger.warning("tracking: MLflow run %s of %s is gone; starting a new one",
+                               known, self.run_dir / "run.json")  # fmt: skip
+            elif self._own is None or first.get("q") != self._own.get("q"):
+                found = runs.find_created(client, first)
+                if found:
+                    return self._opened(local, found, "continuing")
+            store = None
+            if self.uri.startswith("sqlite:"):
+                store = (self.run_dir / "mlartifacts").resolve().as_uri()
+            try:
+                run_id = runs.create_run(client, first, store)
+            except Exception as exc:
+                if not runs.is_permanent(exc):
+                    raise
+                return self._refused(local, runs.reason(exc))
+            self._opened(local, run_id, "")
+
+    def _opened(self, local: str, run_id: str, how: str):
+        self._st.runs[local] = run_id
+        self._save()
+        if self._own is not None and local == self._own["local"]:
+            self._on_run(run_id)
+            logger.info("tracking: %sMLflow run %s at %s", how and how + " ", run_id, self.uri)
+
+    def _refused(self, local: str, why: str):
+        self._st.dead.add(local)
+        self._save()
+        logger.warning(
+            "tracking: MLflow at %s refused the run (%s); the %s stage goes on without "
+            "tracking, and its outputs stay in %s",
+            self.uri,
+            why,
+            self.stage,
+            self.run_dir,
+        )
+
+    # --- the main lane -----------------------------------------------------------------
+
+    def _run(self):
+        while True:
+            try:
+                if self._st.acquire():
+                    break
+            except OSError as exc:  # the spool is gone (or unreadable): nothing to send
+                logger.warning("tracking: cannot read %s (%s); nothing is sent to MLflow",
+                               self.spool, exc)  # fmt: skip
+                self._gone = True
+                self.first_attempt.set()
+                return
+            self._follower = True  # another process delivers: follow its progress
+            self.first_attempt.set()
+            with self._cond:
+                if self._quit():
+                    return
+                self._cond.wait(1.0)
+            self._st.load()
+        self._follower = False
+        self._artifact_thread.start()
+        self._lane(self._main_step)
+
+    def _lane(self, step: Callable[[], bool]):
+        delay = RETRY_MIN_S
+        while not self._quit():
+            self._lane_state.contacted = False
+            try:
+                busy = step()
+            except Exception as exc:  # every failure of a request is retried
+                logger.debug("tracking: delivery to %s failed", self.uri, exc_info=True)
+                if isinstance(exc, FileNotFoundError) and not self.spool.exists():
+                    self._warn_once("gone", "tracking: %s was removed; nothing more is sent "
+                                    "to MLflow", self.spool)  # fmt: skip
+                    self._gone = True
+                    with self._cond:
+                        self._cond.notify_all()
+                    return
+                if step == self._main_step:
+                    self.first_attempt.set()
+                self._went_away(exc)
+                self._wait_to_retry(delay)
+                unopened = self._own is not None and not (self.own_open or self.own_dead)
+                delay = min(2 * delay, RETRY_UNOPENED_MAX_S if unopened else RETRY_MAX_S)
+                continue
+            if self._lane_state.contacted:  # a step that made no request proves nothing
+                self._reachable()
+            delay = RETRY_MIN_S
+            if not busy:
+                self._idle_wait()
+
+    def _main_step(self) -> bool:
+        if self._own is not None and not self._own_checked:
+            self._resolve(self._own["local"], verify=True)
+            self._own_checked = True
+            self.first_attempt.set()
+        if time.monotonic() - self._synced_at > FSYNC_EVERY_S:  # bound what a node crash loses
+            self._synced_at = time.monotonic()
+            self._st.sync()
+        if self._chunk is None:
+            self._chunk = read_chunk(self.spool, self._st.offsets["main"], self._session_of)
+            if self._chunk is None:
+                return False
+        chunk = self._chunk
+        if chunk.local is not None and chunk.local not in self._st.dead:
+            self._resolve(chunk.local)
+        if chunk.local is not None and chunk.local not in self._st.dead:
+            run_id = self._st.runs[chunk.local]
+            if chunk.jobs is None:
+                chunk.build_jobs(self._held(run_id, chunk))
+                self._st.inflight = (chunk.start, chunk.end)
+                self._save()
+            while chunk.jobs:
+                self._send(run_id, chunk.jobs)
+        self._st.offsets["main"], self._st.inflight, self._chunk = chunk.end, None, None
+        self._save()
+        return True
+
+    def _held(self, run_id: str, chunk: Chunk) -> set | None:
+        """The points of a chunk that was in flight when the last sender stopped and that
+        the store already holds (a store that ignores identical points needs no check)."""
+        if self._st.inflight is None or chunk.start >= self._st.inflight[1]:
+            return None
+        if runs.ignores_identical_points(self.uri):
+            return None
+        window = [p for p in chunk.metrics if p[4] <= self._st.inflight[1]]
+        if not window:
+            return None
+        held = runs.held_points(self._mlflow(), run_id, {p[0] for p in window})
+        return {identity(p) for p in window} & held
+
+    def _send(self, run_id: str, jobs: deque):
+        """Deliver the first job; on an error no retry fixes, split it or drop it."""
+        kind, payload = jobs[0]
+        try:
+            runs.deliver(self._mlflow(), run_id, kind, payload)
+        except Exception as exc:
+            if not runs.is_permanent(exc):
+                raise
+            jobs.popleft()
+            if kind in ("params", "tags", "metrics") and len(payload) > 1:
+                jobs.extendleft((kind, [item]) for item in reversed(payload))
+                return
+            what = str(payload[0][0]) if kind in ("params", "tags", "metrics") else payload["k"]
+            self._warn_once(f"{kind}:{what}", "tracking: MLflow rejected %s %s (%s); dropped",
+                            kind, what, runs.reason(exc))  # fmt: skip
+            return
+        jobs.popleft()
+
+    # --- the artifact lane -------------------------------------------------------------
+
+    def _artifact_lane(self):
+        self._lane(self._artifact_step)
+
+    def _artifact_step(self) -> bool:
+        start = self._st.offsets["artifacts"]
+        for record in read_records(self.spool, start, prefixes=(SESSION, ARTIFACT)):
+            data = record.data
+            session = self._session_of(data) if data else None
+            if session is not None and data["k"] == "artifact":
+                self._upload(session["local"], data)
+            self._st.offsets["artifacts"] = record.end
+            if (data and data["k"] == "artifact") or record.end - start >= CHUNK_BYTES:
+                break
+        if self._st.offsets["artifacts"] == start:
+            return False
+        self._save()
+        return True
+
+    def _upload(self, local: str, data: dict[str, Any]):
+        self._resolve(local)
+        if local in self._st.dead:
+            return
+        try:
+            if not Path(data["path"]).exists():
+                raise FileNotFoundError(f"artifact {data['path']} no longer exists")
+            self._mlflow().log_artifact(self._st.runs[local], data["path"], data.get("dir"))
+        except Exception as exc:
+            if not runs.is_permanent(exc):
+                raise
+            self._warn_once(f"artifact:{data['path']}", "tracking: MLflow rejected artifact "
+                            "%s (%s); dropped", data["path"], runs.reason(exc))  # fmt: skip
+
+    # --- giving up -----------------------------------------------------------------------
+
+    def _warn_undelivered(self, timeout: float):
+        counts = undelivered_counts(self.spool, self._st.offsets, self._sessions, self.uri)
+        lost = [f"{n} {label}" for label, n in counts.items() if n and label != "end"]
+        lost += ["the run's end status"] if counts["end"] else []
+        logger.warning(
+            "tracking: gave up on MLflow at %s after %.0f s%s: not delivered: %s; they are "
+            "kept in %s, and the next job that opens %s (a resume, a requeue) sends them",
+            self.uri,
+            timeout,
+            "" if self.own_open else " (the run was never created)",
+            ", ".join(lost) or "nothing else",
+            self.spool,
+            self.run_dir,
+        )
