@@ -9,6 +9,7 @@ import logging
 import sys
 
 from pipeline.config import ConfigError, parse_config_args
+from pipeline.data import ManifestError
 from pipeline.data.loader import SampleDecodeError
 from pipeline.distributed import LaunchError
 from pipeline.engine import CheckpointError, NonFiniteLossError, train
@@ -21,10 +22,13 @@ def main(argv=None) -> int:
     )
     try:
         return train(cfg)
-    except LaunchError as error:
+    except (LaunchError, ManifestError) as error:  # ManifestError: no shards where the config says
         print(f"train: error: {error}", file=sys.stderr)
         return 2
-    except (ConfigError, CheckpointError, NonFiniteLossError, SampleDecodeError) as error:
+    except ConfigError as error:  # found at run time (train.amp=fp16 without CUDA): still 2
+        print(f"train: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    except (CheckpointError, NonFiniteLossError, SampleDecodeError) as error:
         print(f"train: error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
 

@@ -32,6 +32,9 @@ FORBIDDEN = {
     "pipeline/evaluation": ("pipeline.engine", "launch"),
     "pipeline/distributed.py": ("pipeline", "ops", "launch"),
     "pipeline/collectives.py": ("pipeline", "ops", "launch"),
+    # The run directory's contract, below the train stage that writes it and the evaluation
+    # that reads it.
+    "pipeline/rundir.py": ("pipeline", "ops", "launch"),
     "pipeline/tracking": (
         "pipeline.data",
         "pipeline.modeling",

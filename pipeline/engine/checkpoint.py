@@ -1,6 +1,6 @@
-"""Checkpoint files of the train stage: atomic writes, a ``latest`` pointer, the last K kept.
-
-Layout under ``OUTPUT_DIR/checkpoints``:
+"""Checkpoint files of the train stage: durable atomic writes, a ``latest`` pointer, the
+last K kept, a killed writer's leftovers removed. The layout and its names are the run
+directory's contract (``pipeline/rundir.py``), which the evaluation reads too.
 
 * ``step_0000100.pt``: one ``torch.save`` dict per saved step (DDP or one process), written
   by global rank 0. It holds the model (``model``, ``model_args``: what
@@ -9,18 +9,19 @@ Layout under ``OUTPUT_DIR/checkpoints``:
   the MLflow run (``tracking``). Everything loads with ``torch.load(weights_only=True)``.
 * ``step_0000100/``: DeepSpeed's own checkpoint directory for that step (every rank writes its
   shard); our client state sits in its ``mp_rank_00_model_states.pt``.
-* ``latest``: the name of the newest complete entry. An entry is written under a temporary
-  name and renamed, and ``latest`` is replaced after it (also by rename), so a job killed at
-  any moment leaves either the previous checkpoint or the new one, never half of one.
-* ``FINISHED``: written when the run reached ``train.max_steps``.
+
+An entry is written under a temporary name, synced, renamed, and the directory synced; then
+``latest`` is written the same way. So a job killed, or a machine that loses power, at any
+moment leaves either the previous checkpoint or the new one, never half of one, and never a
+``latest`` that names an entry the disk does not have.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,59 +29,111 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.rundir import (
+    FINISHED,
+    LATEST,
+    CheckpointError,
+    checkpoint_dir,
+    entry_name,
+    entry_step,
+    is_temporary,
+    latest_entry,
+    list_entries,
+    resolve_entry,
+    temporary_name,
+)
+
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
-FINISHED = "FINISHED"
-_ENTRY = re.compile(r"^step_(\d+)(\.pt)?$")
+__all__ = [
+    "FINISHED",
+    "LATEST",
+    "CheckpointError",
+    "checkpoint_dir",
+    "entry_name",
+    "entry_step",
+    "fsync_path",
+    "latest_entry",
+    "list_entries",
+    "load_file_checkpoint",
+    "move_into_place",
+    "publish",
+    "remove_leftovers",
+    "remove_path",
+    "resolve_resume",
+    "rng_state",
+    "save_file_checkpoint",
+    "set_rng_state",
+    "sync_tree",
+    "temporary_name",
+    "write_text_atomic",
+]
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be found, read or used; the message names the file."""
+def fsync_path(path: Path) -> None:
+    """Sync a file, or a directory's entries (the names that renames changed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno != errno.EINVAL:  # a file system that cannot sync a directory
+            raise
+    finally:
+        os.close(fd)
 
 
-def checkpoint_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+def sync_tree(root: Path) -> None:
+    """Sync every file under ``root``, then its directories, deepest first (DeepSpeed writes
+    its files without syncing them)."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fsync_path(Path(directory) / name)
+        fsync_path(Path(directory))
 
 
-def entry_name(step: int, *, directory: bool) -> str:
-    """``step_0000100.pt`` (a file) or ``step_0000100`` (a DeepSpeed directory)."""
-    return f"step_{step:07d}" + ("" if directory else ".pt")
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
-def entry_step(path: str | Path) -> int:
-    match = _ENTRY.match(Path(path).name)
-    if match is None:
-        raise CheckpointError(f"{path}: not a checkpoint entry (expected step_NNNNNNN[.pt])")
-    return int(match.group(1))
-
-
-def list_entries(ckpt_dir: Path) -> list[Path]:
-    """Complete entries, oldest first (temporary names never match)."""
+def remove_leftovers(ckpt_dir: Path) -> list[str]:
+    """Remove the temporary files and directories of saves that were killed (at a training
+    start, when no save runs); returns their names."""
     if not ckpt_dir.is_dir():
         return []
-    entries = [p for p in ckpt_dir.iterdir() if _ENTRY.match(p.name)]
-    return sorted(entries, key=entry_step)
+    names = sorted(path.name for path in ckpt_dir.iterdir() if is_temporary(path.name))
+    for name in names:
+        remove_path(ckpt_dir / name)
+    if names:
+        log.warning("checkpoint: removed what killed saves left in %s: %s", ckpt_dir, names)
+    return names
 
 
-def latest_entry(ckpt_dir: str | Path) -> Path | None:
-    """The entry ``latest`` names; the newest entry on disk if the pointer is missing or
-    names something that is gone (a pointer is written after its entry, never before)."""
-    ckpt_dir = Path(ckpt_dir)
-    pointer = ckpt_dir / LATEST
-    if pointer.exists():
-        target = ckpt_dir / pointer.read_text().strip()
-        if target.exists() and _ENTRY.match(target.name):
-            return target
-        log.warning("checkpoint: %s names %s, which is missing", pointer, target.name)
-    entries = list_entries(ckpt_dir)
-    return entries[-1] if entries else None
+def move_into_place(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``, then sync their directory so that the new name is on disk
+    before anything (``latest``) refers to it. A directory cannot be renamed onto a non-empty
+    one: an entry already there (saved but never published by a killed run, or by the run
+    before a resume from an earlier step) is moved aside under a temporary name first."""
+    aside = None
+    if final.is_dir() and not final.is_symlink():
+        aside = final.with_name(temporary_name(final.name, ".replaced"))
+        remove_path(aside)
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+    if aside is not None:
+        remove_path(aside)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(temporary_name(path.name, str(os.getpid())))
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    move_into_place(tmp, path)
 
 
 def publish(ckpt_dir: Path, name: str, keep: int) -> None:
@@ -98,16 +151,16 @@ def publish(ckpt_dir: Path, name: str, keep: int) -> None:
 
 
 def save_file_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``state`` as ``step_NNNNNNN.pt`` atomically, then publish it."""
+    """Write ``state`` as ``step_NNNNNNN.pt`` atomically and durably, then publish it."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = entry_name(step, directory=False)
     final = ckpt_dir / name
-    tmp = ckpt_dir / f".{name}.tmp{os.getpid()}"
+    tmp = ckpt_dir / temporary_name(name, str(os.getpid()))
     with open(tmp, "wb") as handle:
         torch.save(state, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, final)
+    move_into_place(tmp, final)
     publish(ckpt_dir, name, keep)
     return final
 
@@ -131,17 +184,13 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     """The entry to resume from for ``train.resume`` (auto, never, or a path)."""
     if resume == "never":
         return None
-    if resume == "auto":
-        return latest_entry(checkpoint_dir(output_dir))
-    path = Path(resume)
-    if path.is_dir() and not _ENTRY.match(path.name):  # an output_dir or its checkpoints/
-        found = latest_entry(path / "checkpoints" if (path / "checkpoints").is_dir() else path)
-        if found is None:
-            raise CheckpointError(f"train.resume={resume}: no checkpoint in that directory")
-        return found
-    if not path.exists():
-        raise CheckpointError(f"train.resume={resume}: no such checkpoint")
-    return path
+    try:
+        if resume == "auto":
+            return latest_entry(checkpoint_dir(output_dir))
+        return resolve_entry(resume)
+    except CheckpointError as error:
+        hint = "; set train.resume=never to start afresh" if resume == "auto" else ""
+        raise CheckpointError(f"train.resume={resume}: {error}{hint}") from None
 
 
 # --- random generators ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -93,16 +94,30 @@ def append_metrics(run_dir: Path, step: int, metrics: dict[str, float]) -> None:
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
     """Drop the lines of steps after ``last_step``: a run that died after its last checkpoint
-    logged steps that the resumed run will log again."""
+    logged steps that the resumed run will log again. A crash in the middle of
+    ``append_metrics`` leaves a last line without its end: it is dropped with a warning (so is
+    any other line that does not parse: the log must not stop a resume). The file is replaced
+    by rename, so a crash here leaves the old one."""
     path = run_dir / METRICS_FILE
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["step"] <= last_step
-    ]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = path.read_text(errors="replace").splitlines()
+    kept, bad = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # not JSON, not a record, no step
+            bad.append(number)
+    if bad == [len(lines)]:
+        log.warning("%s: dropped its last line, torn by a crash in mid-write", path)
+    elif bad:
+        log.warning("%s: dropped %d lines that do not parse (lines %s)", path, len(bad), bad[:5])
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def plot_loss_curve(run_dir: Path) -> Path | None:

@@ -1,6 +1,7 @@
 """Finding, reading and rebuilding the model of the checkpoint to evaluate.
 
-A checkpoint path is one of (see /work/notes/contracts.md, "Training run directory"):
+A checkpoint path is one of (the run directory's contract is ``pipeline/rundir.py``, shared
+with the train stage that writes it):
 
 - a checkpoint file: ours (``{"model", "model_args", "step", "config", "tracking", ...}``,
   from DDP or one process), one converted from torchvision by
@@ -9,16 +10,16 @@ A checkpoint path is one of (see /work/notes/contracts.md, "Training run directo
 - a DeepSpeed checkpoint directory (``OUT/checkpoints/step_0000100/``), whose
   ``mp_rank_00_model_states.pt`` holds DeepSpeed's ``"module"`` and our client-state keys;
 - a directory with a ``latest`` file (DeepSpeed's save directory, ``OUT/checkpoints``) or a
-  training output_dir (``OUT/checkpoints/latest``): the entry ``latest`` names.
+  training output_dir (``OUT/checkpoints/latest``): the entry ``latest`` names (if it names
+  an entry that is gone, the newest one there, as training resumes).
 
-Every problem is a :class:`CheckpointError` with one line naming the path and what does not
-match.
+Every file is read with ``torch.load(weights_only=True)``, whoever wrote it. Every problem is
+a :class:`CheckpointError` with one line naming the path and what does not match.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,24 +27,32 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.serialization import get_unsafe_globals_in_checkpoint
 
 from pipeline.modeling import MaskRCNN
+from pipeline.rundir import DEEPSPEED_MODEL_FILE, CheckpointError, entry_step, resolve_entry
+from pipeline.rundir import FINISHED as FINISHED_FILE
+from pipeline.rundir import LATEST as LATEST_FILE
 
-DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
-LATEST_FILE = "latest"
-FINISHED_FILE = "FINISHED"
-# A complete checkpoint entry of a training run; temporary names never match.
-ENTRY_PATTERN = re.compile(r"^step_(\d+)(\.pt)?$")
+__all__ = [
+    "DEEPSPEED_MODEL_FILE",
+    "FINISHED_FILE",
+    "INFERENCE_ARGS",
+    "LATEST_FILE",
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "build_eval_model",
+    "entry_step",
+    "load_checkpoint",
+    "load_exact",
+    "resolve_checkpoint",
+]
 # Prefixes wrappers put on every key: DDP / DeepSpeed ("module."), torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _TORCHVISION_PROBE = "roi_heads.box_predictor.cls_score.weight"
 _TORCHVISION_FPN_PROBE = "backbone.fpn.inner_blocks.0.0.weight"
 # Arguments that only concern how inference runs, taken from the evaluation's config.
 INFERENCE_ARGS = ("min_size_test", "max_size_test", "channels_last")
-
-
-class CheckpointError(ValueError):
-    """The checkpoint is missing or does not fit; the message is one line naming it."""
 
 
 @dataclass
@@ -69,48 +78,39 @@ class LoadedCheckpoint:
         return self.path.name
 
 
-def entry_step(name: str) -> int | None:
-    """The step of a checkpoint entry name (``step_0000100.pt`` -> 100), None otherwise."""
-    match = ENTRY_PATTERN.match(name)
-    return int(match.group(1)) if match else None
-
-
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint file or DeepSpeed tag directory that ``path`` designates."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path}: no such file or directory")
-    if (path / DEEPSPEED_MODEL_FILE).is_file():
-        return path
-    for latest in (path / LATEST_FILE, path / "checkpoints" / LATEST_FILE):
-        if latest.is_file():
-            name = latest.read_text().strip()
-            entry = latest.parent / name
-            if not name or not (entry.is_file() or (entry / DEEPSPEED_MODEL_FILE).is_file()):
-                raise CheckpointError(f"checkpoint {latest}: names {name!r}, which is not there")
-            return entry
-    raise CheckpointError(
-        f"checkpoint {path}: a directory without {DEEPSPEED_MODEL_FILE}, {LATEST_FILE} or "
-        f"checkpoints/{LATEST_FILE} (not a DeepSpeed checkpoint or a training output_dir)"
-    )
+    return resolve_entry(path)
 
 
 def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, for DeepSpeed's model states too: unpickling
+    anything else can run code that the file chooses, so a file's name or origin never buys
+    more trust. DeepSpeed 0.19 stores only tensors, containers and numbers there (under
+    ZeRO 0/1/2, with and without autocast); a type beyond those is refused, named."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path}: no such file") from None
-    except Exception as error:  # unpickling fails in many ways; DeepSpeed states may need
-        # a full unpickler (its file holds more than tensors): retry only for those
-        if path.name == DEEPSPEED_MODEL_FILE and "weights_only" in str(error):
-            try:
-                return torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as second:
-                error = second
-        reason = " ".join(str(error).split())[:200] or type(error).__name__
-        raise CheckpointError(f"checkpoint {path}: not a readable torch file ({reason})") from None
+    except Exception as error:  # unpickling fails in many ways
+        try:  # reads the pickle's opcodes only, runs nothing
+            unsafe = get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            unsafe = []
+        if unsafe:
+            shown = ", ".join(unsafe[:3]) + (", ..." if len(unsafe) > 3 else "")
+            raise CheckpointError(
+                f"checkpoint {path}: refused: loading it would call {shown}; only tensors, "
+                "containers and numbers are read"
+            ) from None
+        # torch's own text can be a bare number (KeyError 174812789 for random bytes) or
+        # advise weights_only=False, the unsafe path: give the type and the first line only.
+        first = (str(error).strip().splitlines() or [""])[0]
+        reason = type(error).__name__ + (f": {first[:160]}" if "weights_only" not in first else "")
+        raise CheckpointError(
+            f"checkpoint {path}: not a file written by torch.save, or damaged ({reason}); give "
+            "a training checkpoint, a converted torchvision .pt or a training output_dir"
+        ) from None
 
 
 def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -3,6 +3,9 @@ errors for the others."""
 
 import importlib.util
 import json
+import os
+import re
+import shutil
 import socket
 from types import SimpleNamespace
 
@@ -20,6 +23,7 @@ from evaluation_helpers import (
     tiny_model,
     training_checkpoint,
 )
+from torch.serialization import get_unsafe_globals_in_checkpoint
 
 from pipeline.distributed import DistInfo
 from pipeline.evaluation import CheckpointError, evaluate_checkpoint, load_checkpoint
@@ -68,10 +72,14 @@ def test_missing_and_incompatible_checkpoints_fail_in_one_line(tmp_path, checkpo
     assert "step_0000500.pt" in one_line(error)
 
     garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable torch file") as error:
-        load_checkpoint(garbage)
-    one_line(error)
+    for junk in (b"not a checkpoint", bytes(range(256)) * 64):
+        garbage.write_bytes(junk)
+        with pytest.raises(CheckpointError, match=r"not a file written by torch\.save") as error:
+            load_checkpoint(garbage)
+        # The exception's type names what went wrong (not a bare number), and nothing
+        # advises weights_only=False.
+        assert re.search(r"\(\w+(Error|Exception)\b", one_line(error)), one_line(error)
+        assert "weights_only" not in one_line(error)
 
     cfg = eval_config(tmp_path / "unused")
     info = DistInfo()
@@ -120,12 +128,59 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_checkpoint_saved_by_deepspeed_evaluates(eval_shards, tmp_path, checkpoint_file):
     entry = real_deepspeed_checkpoint(checkpoint_file, tmp_path / "checkpoints", free_port())
+    # DeepSpeed 0.19 stores nothing in its model states that needs an allow-list: they load
+    # with weights_only=True as they are (a DeepSpeed that adds a type shows up here).
+    assert get_unsafe_globals_in_checkpoint(entry / "mp_rank_00_model_states.pt") == []
     loaded = load_checkpoint(tmp_path / "checkpoints")
     assert loaded.path == entry and loaded.source == "deepspeed" and loaded.step == 40
     reference = torch.load(checkpoint_file, weights_only=True)["model"]
     assert all(torch.equal(loaded.state[k], v) for k, v in reference.items())
     report = evaluate_checkpoint(eval_config(eval_shards), entry, tmp_path / "out", DistInfo())
     assert report.metrics["images_evaluated"] == 11
+
+
+class CreatesAFile:
+    """Unpickled, it creates ``path``: what a malicious file could do instead."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_deepspeed_file_whose_unpickling_runs_code_is_refused(
+    eval_shards, tmp_path, checkpoint_file, capsys
+):
+    checkpoint = torch.load(checkpoint_file, weights_only=True)
+    entry = tmp_path / "train" / "checkpoints" / "step_0000040"
+    entry.mkdir(parents=True)
+    marker = tmp_path / "marker"
+    state = {"module": checkpoint["model"], "model_args": checkpoint["model_args"], "step": 40}
+    torch.save({**state, "payload": CreatesAFile(marker)}, entry / "mp_rank_00_model_states.pt")
+    # The file does what it says when unpickled without restriction (on a copy).
+    shutil.copy(entry / "mp_rank_00_model_states.pt", tmp_path / "copy.pt")
+    torch.load(tmp_path / "copy.pt", weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(entry)
+    assert str(entry / "mp_rank_00_model_states.pt") in one_line(error)
+    assert not marker.exists()
+
+    spec = importlib.util.spec_from_file_location("evaluate", REPO / "launch/evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    capsys.readouterr()
+    code = evaluate.main(
+        ["--checkpoint", str(entry), "--out", str(tmp_path / "out"), "--config",
+         str(REPO / "configs" / "tiny.yaml"), f"data.val_shards={eval_shards}",
+         "tracking.enabled=false", "data.num_workers=0"]
+    )  # fmt: skip
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert code == 2 and len(errors) == 1 and "mp_rank_00_model_states.pt" in errors[0]
+    assert not marker.exists() and not os.path.exists(tmp_path / "out" / "metrics.json")
 
 
 @pytest.mark.slow  # R50 with 100 random detections per image: seconds per image on a CPU
