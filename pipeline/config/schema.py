@@ -232,7 +232,8 @@ class TrainConfig:
     torchvision Mask R-CNN (mismatched predictors re-initialised) or a torchvision ImageNet
     ResNet state dict (backbone only)."""
     max_nonfinite_steps: int = 5
-    """A step whose loss is NaN or Inf is skipped; this many in a row stop the run."""
+    """A batch whose loss is NaN or Inf is skipped, and so is an optimizer step whose gradient
+    norm is (on every rank alike); this many of them in a row stop the run."""
     log_every: int = 20
     """Print and log losses, lr, images/s and the data-wait share every this many steps."""
     seed: int = 42

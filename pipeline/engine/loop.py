@@ -20,6 +20,7 @@ end to each other (the tests allow 1e-3 relative there).
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from .checkpoint import (
     CheckpointError,
     checkpoint_dir,
     latest_entry,
+    remove_leftovers,
     rng_state,
     set_rng_state,
 )
@@ -53,7 +55,113 @@ log = logging.getLogger("pipeline.train")
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many steps in a row had a NaN or Inf loss."""
+    """Too many batches or optimizer steps in a row had a NaN or Inf loss or gradient norm,
+    or the weights are not finite where a checkpoint would be written."""
+
+
+class NonFiniteCount:
+    """Non-finite losses (a batch skipped) and gradient norms (an optimizer step skipped) since
+    the last optimizer step applied; raises NonFiniteLossError when ``limit`` are reached."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.losses = self.norms = 0
+
+    def add_loss(self, step: int, losses: dict[str, float], *, log_it: bool) -> None:
+        self.losses += 1
+        if log_it:
+            log.warning(
+                "step %d: non-finite loss on some rank %s; batch skipped (%d in a row)",
+                step,
+                losses,
+                self.losses + self.norms,
+            )
+        self._check(step, f"last losses {losses}")
+
+    def add_step(self, step: int, grad_norm: float, *, log_it: bool) -> None:
+        if math.isfinite(grad_norm):
+            self.losses = self.norms = 0
+            return
+        self.norms += 1
+        if log_it:
+            log.warning(
+                "step %d: non-finite gradient norm (%s) with finite losses; optimizer step "
+                "skipped (%d in a row)",
+                step,
+                grad_norm,
+                self.losses + self.norms,
+            )
+        self._check(step, f"last gradient norm {grad_norm}")
+
+    def _check(self, step: int, last: str) -> None:
+        count = self.losses + self.norms
+        if count < self.limit:
+            return
+        if not self.norms:
+            what = "batches in a row had a NaN or Inf loss"
+        elif not self.losses:
+            what = "optimizer steps in a row had a NaN or Inf gradient norm"
+        else:
+            what = (
+                f"batches and optimizer steps in a row had a NaN or Inf loss ({self.losses}) "
+                f"or gradient norm ({self.norms})"
+            )
+        # Clipping bounds a large finite gradient, not a NaN one.
+        clip = ", set train.clip_grad_norm," if self.losses else ""
+        raise NonFiniteLossError(
+            f"{count} {what} at step {step}; lower train.lr{clip} or check the data ({last})"
+        )
+
+
+class BatchNormStatistics:
+    """The running statistics of a model's BatchNorm layers, kept from before each forward:
+    the forward updates them before the loss is seen to be NaN, and NaN activations would
+    stay in them after the batch is skipped (and then in every checkpoint). One fused copy
+    of a few thousand values per micro-batch; nothing without trainable BatchNorm."""
+
+    NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+    def __init__(self, module: torch.nn.Module):
+        self.live = [b for n, b in module.named_buffers() if n.rsplit(".", 1)[-1] in self.NAMES]
+        self.kept = [b.clone() for b in self.live]
+
+    def keep(self) -> None:
+        if self.live:
+            torch._foreach_copy_(self.kept, self.live)
+
+    def restore(self) -> None:
+        if self.live:
+            torch._foreach_copy_(self.live, self.kept)
+
+
+def check_finite_state(module: torch.nn.Module, step: int) -> None:
+    """Raise NonFiniteLossError on every rank if any rank's parameters or floating buffers
+    (BatchNorm's running statistics) hold a NaN or Inf: no checkpoint is written with them.
+    A finite gradient can still overflow a weight, and a rank's own BatchNorm statistics can
+    differ from rank 0's. One fused norm (finite only if every value is; a max-abs norm is
+    20x slower on the CPU), one host read and one tiny all-reduce per checkpoint; the exact
+    per-tensor check runs only when the norm is not finite (which a norm above 1.8e19 of
+    finite values would also make it)."""
+    named = [
+        (name, tensor)
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]
+        if tensor.is_floating_point()
+    ]
+    total = torch.nn.utils.get_total_norm([tensor for _, tensor in named])
+    names = []
+    if not bool(torch.isfinite(total)):
+        names = [name for name, tensor in named if not bool(torch.isfinite(tensor).all())]
+    (bad,) = any_rank([bool(names)])
+    if not bad:
+        return
+    where = (
+        f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}" if names else "on another rank"
+    )
+    raise NonFiniteLossError(
+        f"the model's weights or BatchNorm statistics are not finite at step {step} ({where}); "
+        "its checkpoint is not written (checkpoints/latest stays the last finite one); lower "
+        "train.lr or set train.clip_grad_norm"
+    )
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -110,18 +218,27 @@ def resume_position(state: dict, global_batch: int, *, scaled: bool) -> tuple[in
 def train(cfg) -> int:
     info = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s)
     try:
-        return _train(cfg, info)
+        # Rank 0's MLflow run ends FAILED if _train raises (it ends it FINISHED, or KILLED
+        # when preempted); the tracker sends what it spooled as soon as a server answers.
+        # A resumed or requeued job continues the run; train.resume=never starts a new one.
+        tracker = build_tracker(cfg, stage="train", run_dir=cfg.train.output_dir,
+                                rank=info.rank, resume=cfg.train.resume != "never")  # fmt: skip
+        with tracker:
+            return _train(cfg, info, tracker)
     finally:
         shutdown_distributed()
 
 
-def _train(cfg, info: DistInfo) -> int:
+def _train(cfg, info: DistInfo, tracker) -> int:
     device = device_for(info)
     t = cfg.train
     out = Path(t.output_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        # What killed saves left under temporary names. No save runs now: the other ranks
+        # write nothing before a collective that waits for this rank.
+        remove_leftovers(checkpoint_dir(out))
     preemption = PreemptionFlag().install()
 
     # --- the model, its initial weights, the optimizer, the data, the strategy ----------------
@@ -175,14 +292,14 @@ def _train(cfg, info: DistInfo) -> int:
 
     # --- tracking (rank 0 only; never blocks the loop) -----------------------------------------
     tags = run_tags(cfg, info, schedule)
-    tracker = build_tracker(cfg, stage="train", run_dir=out, rank=info.rank)
-    if tracking_state and tracker.run_id and tracker.run_id != tracking_state.get("run_id"):
+    saved_run = (tracking_state or {}).get("run_id")
+    if saved_run and tracker.run_id and tracker.run_id != saved_run:
         log.warning(
             "the checkpoint was made by MLflow run %s; logging to %s",
-            tracking_state.get("run_id"),
+            saved_run,
             tracker.run_id,
         )
-    if step == 0:
+    if step == 0:  # a resumed job's params are in the spool already, delivered or not
         tracker.log_params(config_to_dict(cfg))
     tracker.set_tags(tags)
     if info.is_main:
@@ -197,6 +314,7 @@ def _train(cfg, info: DistInfo) -> int:
         )
 
     def save(at_step: int) -> None:
+        check_finite_state(strategy.module, at_step)
         client_state = {
             "step": at_step,
             "epoch": loader.epoch,
@@ -207,7 +325,13 @@ def _train(cfg, info: DistInfo) -> int:
             "world_size": info.world_size,
             "global_batch": schedule.global_batch,
             "images_seen": images_seen,
-            "tracking": {"run_id": tracker.run_id, "uri": getattr(tracker, "uri", None)},
+            # run_dir: where an evaluation finds the run id (run.json) when the run was
+            # created only after this checkpoint (the server was away).
+            "tracking": {
+                "run_id": tracker.run_id,
+                "uri": tracker.uri,
+                "run_dir": str(out.resolve()),
+            },
         }
         strategy.save(
             ckpt_dir, at_step, client_state, is_main=info.is_main, keep=t.keep_checkpoints
@@ -220,42 +344,38 @@ def _train(cfg, info: DistInfo) -> int:
     meter = ProgressMeter(max_steps=schedule.max_steps, global_batch=schedule.global_batch)
     batches = loader.forever()
     strategy.model.train()
-    nonfinite_in_row = 0
+    # Batches with a non-finite loss and optimizer steps with a non-finite gradient norm since
+    # the last step applied: each is skipped, and max_nonfinite_steps of them stop the run.
+    nonfinite = NonFiniteCount(t.max_nonfinite_steps)
+    batchnorm = BatchNormStatistics(strategy.module)
     preempted = False
     while step < schedule.max_steps:
-        good = 0
+        good = drawn = 0
         while good < accumulation:
             waited = time.perf_counter()
             images, targets = next(batches)
             meter.add_data_wait(time.perf_counter() - waited)
             images, targets = to_device(images, targets, device)
-            generator.manual_seed(step_seed(t.seed, step, good + nonfinite_in_row, info.rank))
+            # A batch drawn after a skipped one samples afresh: the seed counts the draws.
+            generator.manual_seed(step_seed(t.seed, step, drawn, info.rank))
+            drawn += 1
             with strategy.sync_context(last_micro_batch=good == accumulation - 1):
+                batchnorm.keep()
                 losses = strategy.forward(images, targets)
                 loss = sum(losses.values())
-                (nonfinite,) = any_rank([not bool(torch.isfinite(loss))])
-                if nonfinite:
-                    nonfinite_in_row += 1
-                    if info.is_main:
-                        values = {k: round(float(v.detach()), 4) for k, v in losses.items()}
-                        log.warning(
-                            "step %d: non-finite loss on some rank %s; batch skipped (%d in a row)",
-                            step + 1,
-                            values,
-                            nonfinite_in_row,
-                        )
-                    if nonfinite_in_row >= t.max_nonfinite_steps:
-                        raise NonFiniteLossError(
-                            f"{nonfinite_in_row} batches in a row had a NaN or Inf loss at step "
-                            f"{step + 1}; lower train.lr, set train.clip_grad_norm, or check the "
-                            f"data (last losses {values if info.is_main else ''})"
-                        )
+                (loss_nonfinite,) = any_rank([not bool(torch.isfinite(loss))])
+                if loss_nonfinite:
+                    batchnorm.restore()  # on every rank: the batch is skipped everywhere
+                    values = {k: round(float(v.detach()), 4) for k, v in losses.items()}
+                    nonfinite.add_loss(step + 1, values, log_it=info.is_main)
                     continue
                 strategy.backward(loss, accumulation)
-            nonfinite_in_row = 0
             meter.add_losses(losses)
             good += 1
+        # A non-finite norm: the strategy skipped the step, on every rank alike (the norm is
+        # that of the all-reduced gradients); the schedule and the data move on.
         grad_norm = strategy.optimizer_step()
+        nonfinite.add_step(step + 1, grad_norm, log_it=info.is_main)
         step += 1
         images_seen += schedule.global_batch
         meter.step_done()
@@ -266,7 +386,7 @@ def _train(cfg, info: DistInfo) -> int:
             if info.is_main:
                 log.info(line)
                 append_metrics(out, step, metrics)
-                tracker.log_metrics(metrics, step=step)
+                tracker.log_metrics(metrics, step=step, once=True)  # steps rerun after a kill
         if step % schedule.checkpoint_every == 0 or step == schedule.max_steps or preempted:
             save(step)
         if preempted:

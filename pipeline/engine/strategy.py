@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -125,12 +127,33 @@ class DDPStrategy:
         self.scaler.scale(loss / accumulation).backward()
 
     def optimizer_step(self) -> float:
-        """Clip, step, schedule; returns the gradient norm before clipping (nan if unknown)."""
-        self.scaler.unscale_(self.optimizer)
+        """Clip, step, schedule; returns the gradient norm before clipping. A non-finite norm
+        (NaN or Inf in some gradient) skips the optimizer step, and is returned for the loop
+        to count; the scheduler moves on, as after a step that GradScaler skips.
+
+        The gradients are DDP's all-reduced ones, the same on every rank, so every rank
+        computes the same norm and takes the same decision without a collective of its own.
+        The norm is computed with clipping off too (one fused reduction over the gradients and
+        one host read per step): `clip_grad_norm_` with its defaults would apply NaN."""
+        self.scaler.unscale_(self.optimizer)  # no-op unless fp16; records GradScaler's inf check
+        grads = [p.grad for p in self.params if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads)
+        norm = float(total)
+        if not math.isfinite(norm):
+            # Skipped without GradScaler.step; its update still halves the fp16 scale, from
+            # the inf check unscale_ recorded. One skip, counted once by the loop.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            with warnings.catch_warnings():
+                # The schedule follows the loop's steps; torch warns when the first one is
+                # skipped ("lr_scheduler.step() before optimizer.step()"), which is intended.
+                warnings.filterwarnings(
+                    "ignore", "Detected call of `lr_scheduler.step", UserWarning
+                )
+                self.scheduler.step()
+            return norm
         if self.clip > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
-        else:
-            norm = float("nan")
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.clip, total)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

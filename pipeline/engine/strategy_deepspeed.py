@@ -21,6 +21,7 @@ launcher gets a process group of its own.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from pathlib import Path
@@ -32,7 +33,15 @@ from torch import nn
 
 from pipeline.distributed import resolve_backend
 
-from .checkpoint import CheckpointError, entry_name, publish
+from .checkpoint import (
+    CheckpointError,
+    entry_name,
+    move_into_place,
+    publish,
+    remove_path,
+    sync_tree,
+    temporary_name,
+)
 from .strategy import check_amp
 
 # DeepSpeed's names for the ZeRO-1/2 partition files and their keys (deepspeed/checkpoint/
@@ -139,6 +148,22 @@ def join_process_group(device: torch.device) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
+@contextlib.contextmanager
+def _optimizer_step_skipped(optimizer: torch.optim.Optimizer):
+    """``optimizer.step`` does nothing inside: DeepSpeed's ZeRO-0 step then only clears the
+    gradients and steps the scheduler. The instance's own ``step`` (the scheduler wraps it
+    there) is put back afterwards."""
+    saved = optimizer.__dict__.get("step")
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if saved is None:
+            del optimizer.step
+        else:
+            optimizer.step = saved
+
+
 class DeepSpeedStrategy:
     """DeepSpeed ZeRO 0/1/2; every rank takes part in saving and loading."""
 
@@ -187,6 +212,7 @@ class DeepSpeedStrategy:
         )
         self.model = self.engine
         self.loss_scale = self._own_fp16_loss_scale() if amp == "fp16" and zero_stage else None
+        self._zero0_norm = float("nan")
 
     def _own_fp16_loss_scale(self) -> LossScale:
         """Take fp16 loss scaling from the GradScaler that DeepSpeed's ZeRO-1/2 makes for
@@ -222,13 +248,32 @@ class DeepSpeedStrategy:
         # DeepSpeed scales by its gradient_accumulation_steps itself, and steps the optimizer
         # (and our scheduler) only at the accumulation boundary.
         self.engine.backward(loss)
+        if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            # ZeRO-0 applies whatever gradients it has (it keeps a norm only when it clips):
+            # check them as DDPStrategy does, after the boundary's all-reduce.
+            self._zero0_norm = self._zero0_gradient_norm()
+            if not math.isfinite(self._zero0_norm):
+                with _optimizer_step_skipped(self.engine.optimizer):
+                    self.engine.step()  # the scheduler moves on, the gradients are cleared
+                return
         self.engine.step()
 
+    def _zero0_gradient_norm(self) -> float:
+        """The norm of ZeRO-0's all-reduced gradients, the same on every rank (one fused
+        reduction, one host read); those of fp16 are still scaled by its GradScaler."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads))
+        scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+        return norm / scaler.get_scale() if scaler is not None else norm
+
     def optimizer_step(self) -> float:
-        """After the boundary's `engine.step()`: the gradient norm before clipping (inf for a
-        skipped step, nan where DeepSpeed keeps none: ZeRO-0)."""
+        """After the boundary's `engine.step()`: the gradient norm before clipping. It is not
+        finite exactly when the step was skipped, as DDPStrategy's, for the loop to count."""
+        if self.zero_stage == 0:
+            return self._zero0_norm
         norm = self.engine.get_global_grad_norm()
-        # ZeRO-1/2 skips a step whose gradient norm is not finite, and then does not step
+        # ZeRO-1/2 skips a step whose gradient norm is not finite (fp16 overflow or a NaN in
+        # any precision: the norm is all-reduced, so every rank skips), and then does not step
         # the scheduler either; DDP's GradScaler skips only the optimizer step. Step it here,
         # so that the learning rate follows the loop's step count as under DDP.
         skipped = bool(getattr(self.engine.optimizer, "overflow", False))
@@ -237,6 +282,8 @@ class DeepSpeedStrategy:
         if self.loss_scale is not None:
             self.loss_scale.update(overflow=skipped)
             self.engine.optimizer.override_loss_scale(self.loss_scale.scale)
+        if skipped:
+            return float("inf") if norm is None or math.isfinite(norm) else float(norm)
         return float(norm) if norm is not None else float("nan")
 
     def lr(self) -> float:
@@ -263,17 +310,25 @@ class DeepSpeedStrategy:
         self, ckpt_dir: Path, step: int, client_state: dict[str, Any], *, is_main: bool, keep: int
     ) -> None:
         tag = entry_name(step, directory=True)
-        tmp_tag = f".{tag}.tmp"
+        tmp = ckpt_dir / temporary_name(tag)  # one name for every rank: no pid in it
         scaler = self._scaler_state()  # DeepSpeed saves neither our scale nor its GradScaler
         if scaler is not None:
             client_state = {**client_state, "fp16_scaler": scaler}
+        if is_main:
+            # A killed save's directory: DeepSpeed would write into it, and the files of its
+            # ranks that this run lacks would end up in the entry (a resume would take them
+            # for this run's ZeRO partitions).
+            remove_path(tmp)
+        if dist.is_initialized():
+            dist.barrier()
         self.engine.save_checkpoint(
-            str(ckpt_dir), tag=tmp_tag, client_state=client_state, save_latest=False
+            str(ckpt_dir), tag=tmp.name, client_state=client_state, save_latest=False
         )
         if dist.is_initialized():
             dist.barrier()
         if is_main:
-            (ckpt_dir / tmp_tag).replace(ckpt_dir / tag)
+            sync_tree(tmp)
+            move_into_place(tmp, ckpt_dir / tag)
             publish(ckpt_dir, tag, keep)
         if dist.is_initialized():
             dist.barrier()
