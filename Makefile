@@ -94,5 +94,6 @@ gpu-check:
 gpu-wheels:
 	$(PYTHON) benchmarks/gpu_check.py --download-wheels .whl
 
+# The stamp goes too: kept, it tells the next `make` that the deleted ops are built.
 clean:
-	rm -rf build *.egg-info ops/*.so
+	rm -rf build *.egg-info ops/*.so $(STAMP)

@@ -4,17 +4,18 @@ chosen metrics against the step for all the runs.
     python launch/compare.py RUN_ID RUN_ID ... [--metrics loss/total,eval/segm/AP]
     python launch/compare.py --experiment maskrcnn --filter "params.train.lr = '0.02'"
 
-The tracking URI is --uri, else MLFLOW_TRACKING_URI. Exit code 2: no such runs (one line).
+Params are strings to MLflow: quote their values in a filter. The tracking URI is --uri, else
+MLFLOW_TRACKING_URI. Exit code 2: no such runs, a bad filter or metric name (one line).
 """
 
 import argparse
 import os
 import sys
 
-from pipeline.evaluation.compare import DEFAULT_METRICS, CompareError, compare_runs
+from pipeline.evaluation.compare import DEFAULT_METRICS, DEFAULT_OUT, CompareError, compare_runs
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -24,15 +25,29 @@ def main(argv=None) -> int:
     parser.add_argument("--max-runs", type=int, default=20, help="at most this many runs")
     parser.add_argument("--uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""),
                         help="MLflow tracking URI")  # fmt: skip
-    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                        help="comma-separated metrics to plot against the step")  # fmt: skip
+    parser.add_argument("--metrics", help="comma-separated metrics to plot against the step "
+                        f"(default: {','.join(DEFAULT_METRICS)})")  # fmt: skip
     parser.add_argument("--all-metrics", action="store_true", help="table every final metric")
-    parser.add_argument("--out", default="compare.png", help="PNG of the curves")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"PNG of the curves ({DEFAULT_OUT})")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.uri:
         parser.error("no tracking URI: give --uri or set MLFLOW_TRACKING_URI")
-    if bool(args.runs) == bool(args.experiment):
+    if not args.runs and not args.experiment:
+        parser.error("give run ids, or --experiment (and --filter)")
+    if args.runs and args.experiment:
         parser.error("give run ids or --experiment, not both")
+    if args.filter and not args.experiment:
+        parser.error("--filter goes with --experiment")  # not silently ignored with run ids
+    # Names given are checked against the runs' metrics; the defaults are not (a training
+    # run without an evaluation has no eval/segm/AP, and its panel says so).
+    metrics = None
+    if args.metrics is not None:
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
 
     from mlflow.tracking import MlflowClient
 
@@ -42,7 +57,7 @@ def main(argv=None) -> int:
             run_ids=args.runs,
             experiment=args.experiment,
             filter_string=args.filter,
-            metrics=[m.strip() for m in args.metrics.split(",") if m.strip()],
+            metrics=metrics,
             out=args.out,
             max_runs=args.max_runs,
             all_metrics=args.all_metrics,

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from pipeline.config import ConfigError
-from pipeline.config.cli import build_parser
+from pipeline.config.cli import build_parser, parse_args
 from pipeline.data import ManifestError
 from pipeline.distributed import LaunchError, init_distributed, shutdown_distributed
 from pipeline.evaluation import CheckpointError, config_for, evaluate_checkpoint, watch_training
@@ -25,11 +25,7 @@ def main(argv=None) -> int:
     what.add_argument("--checkpoint", metavar="PATH", help="checkpoint file or directory")
     what.add_argument("--watch", metavar="TRAIN_DIR", help="a training output_dir to follow")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    args = parser.parse_args(argv)
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:  # no positional file, only overrides
-        config, overrides = None, [config, *overrides]
-    config = args.config_flag if args.config_flag is not None else config
+    args, config, overrides = parse_args(parser, argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s"
     )

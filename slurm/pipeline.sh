@@ -30,6 +30,13 @@ if ((${#CONFIG_ARGS[@]} == 0)); then
     echo "usage: slurm/pipeline.sh [--dry-run] --config FILE [key=value ...]" >&2
     exit 2
 fi
+# Before anything is read or created: without sbatch the first submission would fail after
+# the log folder exists, with bash's "command not found".
+if ((!DRY_RUN)) && ! command -v sbatch >/dev/null; then
+    echo "slurm/pipeline.sh: error: sbatch is not on the PATH: run it where Slurm is (a login" \
+        "node), or add --dry-run to print the sbatch commands" >&2
+    exit 2
+fi
 
 # --- what the config says ------------------------------------------------------------------------
 mapfile -t VALUES < <("$PYTHON" slurm/config_value.py \

@@ -39,3 +39,19 @@ def test_make_demo_runs_the_whole_pipeline(tmp_path):
     run = client.get_run(run_id)
     assert run.data.tags["stage"] == "train" and run.data.tags["world_size"] == "2"
     assert "eval/segm/AP" in run.data.metrics  # the evaluation went into the training run
+
+
+def test_make_clean_also_forgets_the_install(tmp_path):
+    # Removing ops/*.so but keeping the stamp made the next `make` rebuild nothing, and the
+    # ops fell back to the slow reference. Run on a copy: clean here would hit the checkout.
+    (tmp_path / "Makefile").write_text((REPO / "Makefile").read_text())
+    (tmp_path / "ops").mkdir()
+    (tmp_path / "ops" / "_C.so").touch()
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / ".installed").touch()
+    result = subprocess.run(["make", "--no-print-directory", "clean"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "ops" / "_C.so").exists()
+    assert not (tmp_path / ".venv" / ".installed").exists()
+    assert (tmp_path / ".venv").is_dir()  # the environment itself is kept

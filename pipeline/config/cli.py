@@ -11,8 +11,8 @@ from .loader import ConfigError, _hints, field_docs, load_config
 from .schema import Config
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+def build_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, prog=prog)
     parser.add_argument("config", nargs="?", help="YAML config file (may inherit via _base_)")
     parser.add_argument("--config", dest="config_flag", metavar="FILE", help="same as CONFIG")
     parser.add_argument(
@@ -21,20 +21,30 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config_args(
-    argv: typing.Sequence[str] | None = None, description: str = ""
-) -> tuple[Config, argparse.Namespace]:
-    """Parse ``FILE [key=value ...]``; on a config error print one line and exit with 2."""
-    args = build_parser(description).parse_args(argv)
+def parse_args(
+    parser: argparse.ArgumentParser, argv: typing.Sequence[str] | None = None
+) -> tuple[argparse.Namespace, str | None, list[str]]:
+    """(args, config file or None, overrides) from ``FILE [key=value ...]`` and the parser's
+    options, in any order: plain parse_args leaves ``FILE --flag key=value``'s overrides over
+    as "unrecognized arguments"."""
+    args = parser.parse_intermixed_args(argv)
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # no positional file, only overrides
         config, overrides = None, [config, *overrides]
     if args.config_flag is not None:
         if config is not None:
-            build_parser(description).error(
-                "give the config file once, positionally or by --config"
-            )
+            parser.error("give the config file once, positionally or by --config")
         config = args.config_flag
+    return args, config, overrides
+
+
+def parse_config_args(
+    argv: typing.Sequence[str] | None = None,
+    description: str = "",
+    parser: argparse.ArgumentParser | None = None,
+) -> tuple[Config, argparse.Namespace]:
+    """Parse ``FILE [key=value ...]``; on a config error print one line and exit with 2."""
+    args, config, overrides = parse_args(parser or build_parser(description), argv)
     try:
         return load_config(config, overrides), args
     except ConfigError as exc:
@@ -42,17 +52,19 @@ def parse_config_args(
         raise SystemExit(2) from None
 
 
-def describe_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """One line per leaf key: its dotted name, type, default and docstring."""
+def describe_keys(cls: type = Config, prefix: str = "", values: typing.Any = None) -> list[str]:
+    """One line per leaf key: its dotted name, value and docstring; the value is taken from
+    ``values`` (a resolved config), else the default."""
     lines = []
-    defaults = cls()
+    values = cls() if values is None else values
     docs = field_docs(cls)
     for name, hint in _hints(cls).items():
         key = prefix + name
+        value = getattr(values, name)
         if dataclasses.is_dataclass(hint):
-            lines.extend(describe_keys(hint, key + "."))
+            lines.extend(describe_keys(hint, key + ".", value))
         else:
-            lines.append(f"{key} = {getattr(defaults, name)!r}  # {_one_line(docs.get(name, ''))}")
+            lines.append(f"{key} = {value!r}  # {_one_line(docs.get(name, ''))}")
     return lines
 
 

@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import re
 import types
 import typing
 from functools import cache
@@ -40,7 +41,9 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key, value = _parse_override(item)
         _check_key(key, CLI_SOURCE)
         _merge(tree, sources, _nest(key, value), CLI_SOURCE)
-    return _build(Config, tree, "", sources)
+    cfg = _build(Config, tree, "", sources)
+    _check_minimums(cfg, sources)
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -235,6 +238,12 @@ def _yaml_word(value: Any, choices: tuple) -> Any:
     return words[0] if len(words) == 1 else value
 
 
+# A float as YAML 1.2 writes it. PyYAML follows YAML 1.1, which needs a dot and a signed
+# exponent: `1e-3` and `1.0e12` arrive as strings, and that is how learning rates are written.
+# Only float fields convert them, so a string key keeps "1e3" as written.
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
 def _coerce(value: Any, hint: Any, key: str, sources: dict[str, str]) -> Any:
     source = sources.get(key) or _first_source(sources, key + ".")
 
@@ -275,6 +284,8 @@ def _coerce(value: Any, hint: Any, key: str, sources: dict[str, str]) -> Any:
             fail("an integer")
         return value
     if hint is float:
+        if isinstance(value, str) and _YAML12_FLOAT.fullmatch(value):
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             fail("a number")
         return float(value)
@@ -287,6 +298,28 @@ def _coerce(value: Any, hint: Any, key: str, sources: dict[str, str]) -> Any:
             fail("null")
         return None
     raise TypeError(f"config schema: unsupported type {hint!r} for {key}")
+
+
+# Counts that must be at least this: 0 would pass the types and fail far from the config
+# (train.max_steps=0 in a FileNotFoundError for checkpoints/FINISHED, a batch size in a
+# division by zero).
+_MINIMUMS = {
+    "train.max_steps": 1,
+    "train.batch_size": 1,
+    "train.grad_accum_steps": 1,
+    "train.reference_batch_size": 1,
+    "eval.batch_size": 1,
+}
+
+
+def _check_minimums(cfg: Config, sources: dict[str, str]):
+    for key, minimum in _MINIMUMS.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value < minimum:
+            source = sources.get(key, CLI_SOURCE)
+            raise ConfigError(f"{source}: {key} must be >= {minimum}, got {value}")
 
 
 def _first_source(sources: dict[str, str], prefix: str) -> str:

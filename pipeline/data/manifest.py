@@ -60,6 +60,12 @@ def read_manifest(shard_dir: str | Path) -> ShardManifest:
     path = root / "index.json"
     try:
         index = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        # The usual cause is shards never built (or data.*_shards mistyped): say how to build.
+        raise ManifestError(
+            f"{path}: no such file (no shards in {root}); build them with: python "
+            f"launch/build_shards.py --annotations FILE --images DIR --out {root}"
+        ) from None
     except OSError as error:
         raise ManifestError(f"{path}: cannot read: {error.strerror or error}") from None
     except json.JSONDecodeError as error:

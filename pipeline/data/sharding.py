@@ -36,7 +36,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
@@ -100,6 +100,8 @@ def verify_image(data: bytes, height: int, width: int) -> str:
             image.load()
     except BadImage:
         raise
+    except UnidentifiedImageError:  # its message shows the BytesIO's repr, not a reason
+        raise BadImage("not a decodable image: not a known image format") from None
     except Exception as error:  # PIL raises many types for broken files
         raise BadImage(f"not a decodable image: {error}") from None
     return {"JPEG": "jpg", "PNG": "png"}.get(image_format, str(image_format).lower())

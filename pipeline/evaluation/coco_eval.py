@@ -105,6 +105,18 @@ def _results_api(coco_class, gt_api, gt: dict, results: Sequence[dict]):
     )
 
 
+@contextlib.contextmanager
+def _library_log_level(level: int):
+    """faster-coco-eval's loggers at ``level`` or above only, for the duration."""
+    library = logging.getLogger("faster_coco_eval")  # its modules log to children of it
+    before = library.level
+    library.setLevel(level)
+    try:
+        yield
+    finally:
+        library.setLevel(before)
+
+
 def coco_evaluate(
     gt: dict,
     results: Sequence[dict],
@@ -121,7 +133,9 @@ def coco_evaluate(
     coco_class, eval_class = _coco_classes(backend)
     ids = sorted({image["id"] for image in gt["images"]} if image_ids is None else set(image_ids))
     start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # both print their progress
+    # Both report their progress and their own AP table: pycocotools prints it, and
+    # faster-coco-eval logs it at INFO, which our logging setup shows before our table.
+    with contextlib.redirect_stdout(io.StringIO()), _library_log_level(logging.WARNING):
         gt_api = _ground_truth_api(coco_class, gt)
         dt_api = _results_api(coco_class, gt_api, gt, results)
         evaluator = eval_class(gt_api, dt_api, iou_type)

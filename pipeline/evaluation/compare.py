@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_METRICS = ("loss/total", "eval/segm/AP")
+# Under outputs/ (ignored by git), not in whatever folder compare.py is run from.
+DEFAULT_OUT = "outputs/compare.png"
 # Metrics of the final-values table, when the runs have them (all of them with --all).
 SUMMARY_PREFIXES = ("loss/total", "eval/bbox/AP", "eval/segm/AP", "eval/images_")
 # Params that differ between any two runs by nature, not by choice.
@@ -46,15 +48,18 @@ def select_runs(
             try:
                 runs.append(client.get_run(run_id))
             except MlflowException as error:
-                raise CompareError(f"run {run_id}: {str(error).splitlines()[0]}") from None
+                raise CompareError(f"run {run_id}: {_first_line(error)}") from None
     elif experiment:
         found = client.get_experiment_by_name(experiment)
         if found is None:
             raise CompareError(f"no MLflow experiment named {experiment!r}")
-        runs = client.search_runs(
-            [found.experiment_id], filter_string=filter_string, max_results=max_runs,
-            order_by=["attributes.start_time ASC"],
-        )  # fmt: skip
+        try:
+            runs = client.search_runs(
+                [found.experiment_id], filter_string=filter_string, max_results=max_runs,
+                order_by=["attributes.start_time ASC"],
+            )  # fmt: skip
+        except MlflowException as error:  # the filter's syntax, checked by the store
+            raise CompareError(f"--filter {filter_string!r}: {_first_line(error)}") from None
     else:
         raise CompareError("give run ids, or an experiment (and a filter)")
     if not runs:
@@ -64,6 +69,25 @@ def select_runs(
                    dict(r.data.metrics))
         for r in runs
     ]  # fmt: skip
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of MLflow's message, without the error code a server's reply adds."""
+    reply = getattr(error, "json", None)
+    text = reply["message"] if isinstance(reply, dict) and "message" in reply else str(error)
+    return (text.strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_metric_names(runs: Sequence[RunSummary], names: Sequence[str]):
+    """Refuse names that no run logged (a typo would plot an empty panel), listing those
+    that they did log."""
+    logged = sorted({key for run in runs for key in run.metrics})
+    unknown = [name for name in names if name not in logged]
+    if unknown:
+        raise CompareError(
+            f"--metrics: {', '.join(unknown)}: logged by none of the runs; they logged: "
+            f"{', '.join(logged) or 'nothing'}"
+        )
 
 
 def differing_params(runs: Sequence[RunSummary]) -> dict[str, list[str | None]]:
@@ -164,14 +188,19 @@ def compare_runs(
     run_ids: Sequence[str] = (),
     experiment: str | None = None,
     filter_string: str = "",
-    metrics: Sequence[str] = DEFAULT_METRICS,
-    out: str | Path = "compare.png",
+    metrics: Sequence[str] | None = None,
+    out: str | Path = DEFAULT_OUT,
     max_runs: int = 20,
     all_metrics: bool = False,
 ) -> tuple[str, Path]:
-    """The printed comparison (params that differ, final metrics) and the curves' PNG."""
+    """The printed comparison (params that differ, final metrics) and the curves' PNG.
+    ``metrics`` named must be logged by some run; None plots DEFAULT_METRICS, as there are."""
     runs = select_runs(client, run_ids=run_ids, experiment=experiment,
                        filter_string=filter_string, max_runs=max_runs)  # fmt: skip
+    if metrics is None:
+        metrics = DEFAULT_METRICS
+    else:
+        check_metric_names(runs, metrics)
     text = "\n\n".join(
         [
             format_table("param", differing_params(runs), runs),

@@ -10,6 +10,7 @@ waiting in a collective the others skipped.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 from collections.abc import Callable
@@ -244,14 +245,33 @@ def watch_training(
 def config_for(path: str | None, overrides: list[str], checkpoint: str | None, watch: str | None):
     """The evaluation's config: the file given, else the training run's config.yaml (in
     the watched directory, or in the run directory the checkpoint lies in), with the
-    overrides on top."""
+    overrides on top. A checkpoint that does not exist is named first: searching above it
+    for a config.yaml would report a typo as a missing training config."""
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: no such file or directory{_near(checkpoint)}"
+        )
     if path is not None:
         return load_config(path, overrides)
+    if watch is not None and not Path(watch).is_dir():
+        # With --config the watched run may not have started yet; without, its config is needed.
+        raise CheckpointError(f"--watch {watch}: no such directory{_near(watch)}")
     start = Path(watch if watch is not None else checkpoint or ".").resolve()
     for directory in (start, *start.parents[:2]):
         if (directory / "config.yaml").is_file():
             return load_config(directory / "config.yaml", overrides)
     raise CheckpointError(f"no --config given and no training config.yaml at or above {start}")
+
+
+def _near(missing: str) -> str:
+    """`` (did you mean SIBLING?)`` for the closest existing name beside a missing path."""
+    path = Path(missing)
+    try:
+        siblings = [p.name for p in path.parent.iterdir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.6)
+    return f" (did you mean {path.parent / close[0]}?)" if close else ""
 
 
 __all__ = [

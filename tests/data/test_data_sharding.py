@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from pipeline.data.ground_truth import coco_ground_truth
-from pipeline.data.sharding import build_shards, merge_only
+from pipeline.data.sharding import BadImage, build_shards, merge_only, verify_image
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 REPO = Path(__file__).resolve().parents[2]
@@ -237,3 +237,10 @@ def test_ground_truth_from_shards_matches_the_source(val_shards, shapes_root):
     coco.dataset = truth
     coco.createIndex()
     assert coco.annToMask(coco.anns[1]).sum() == source.annToMask(source.anns[1]).sum()
+
+
+def test_the_reason_for_an_unknown_format_names_no_python_object():
+    # skipped.json said "cannot identify image file <_io.BytesIO object at 0x7f...>".
+    with pytest.raises(BadImage) as error:
+        verify_image(b"this is not a picture", 10, 10)
+    assert str(error.value) == "not a decodable image: not a known image format"

@@ -55,18 +55,8 @@ def test_expand_hostlist_rejects_bad_lists(bad, reason):
         expand_hostlist(bad)
 
 
-def test_expand_hostlist_agrees_with_scontrol(tmp_path):
-    if shutil.which("scontrol") is None:
-        pytest.skip("scontrol is not installed")
-    conf = tmp_path / "slurm.conf"  # `show hostnames` needs a config, not a controller
-    conf.write_text("ClusterName=hostlist\nSlurmctldHost=localhost\n")
-    env = {**os.environ, "SLURM_CONF": str(conf)}
-    for hostlist, expected in HOSTLISTS.items():
-        out = subprocess.run(
-            ["scontrol", "show", "hostnames", hostlist],
-            capture_output=True, text=True, env=env, timeout=30,
-        )  # fmt: skip
-        assert out.stdout.split() == expected, (hostlist, out.stderr)
+# Agreement with `scontrol show hostnames`: tests/slurm/test_slurm_hostlist.py, where Slurm
+# gets installed (here it would run first and skip on a fresh machine).
 
 
 def test_nodelist_hosts_falls_back_without_scontrol(monkeypatch):

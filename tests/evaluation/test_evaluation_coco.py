@@ -4,6 +4,7 @@ annotation file's coordinates, and our numbers are pycocotools' numbers."""
 import contextlib
 import copy
 import io
+import logging
 import math
 import random
 
@@ -142,3 +143,14 @@ def test_unknown_backend_and_iou_type_are_refused(gt_with_crowd):
         coco_evaluate(gt_with_crowd, [], "bbox", backend="fast")
     with pytest.raises(ValueError, match=r"eval\.iou_types"):
         coco_evaluate(gt_with_crowd, [], "keypoints")
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster"])
+def test_the_library_prints_and_logs_nothing_of_its_own(gt_with_crowd, backend, caplog, capfd):
+    # faster-coco-eval logs its AP table at INFO: under our logging setup every evaluation
+    # showed the table twice, its own before ours.
+    results = misses_and_false_positives(gt_with_crowd)["segm"]
+    with caplog.at_level(logging.DEBUG):
+        coco_evaluate(gt_with_crowd, results, "segm", backend=backend)
+    assert [r.getMessage() for r in caplog.records if not r.name.startswith("pipeline")] == []
+    assert capfd.readouterr() == ("", "")

@@ -1,6 +1,7 @@
 """launch/compare.py on two real runs of an MLflow server: the table and the PNG."""
 
 import importlib.util
+import subprocess
 
 import pytest
 from evaluation_helpers import REPO
@@ -64,3 +65,75 @@ def test_compare_an_experiment_with_a_filter(two_runs, mlflow_server, tmp_path, 
     assert printed.startswith("param: none")  # one run: nothing differs
     assert compare.main(["--experiment", "nope", "--uri", mlflow_server.uri]) == 2
     assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
+    # An unquoted value (params are strings) gave a 40-line MLflow traceback.
+    unquoted = ["--experiment", "compare-tests", "--filter", "params.train.lr == 0.5"]
+    assert compare.main([*unquoted, "--uri", mlflow_server.uri]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(
+        "compare: error: --filter 'params.train.lr == 0.5': Expected a quoted string value"
+    )
+
+
+@pytest.mark.slow
+def test_an_unknown_metric_is_refused_naming_the_known_ones(two_runs, mlflow_server, capsys):
+    compare = load_script("compare")
+    code = compare.main([*two_runs, "--uri", mlflow_server.uri, "--metrics", "loss/totl"])
+    assert code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1
+    assert error[0].startswith("compare: error: --metrics: loss/totl: logged by none of the runs")
+    assert "eval/segm/AP, loss/total" in error[0]
+
+
+class FakeClient:
+    """The MlflowClient calls of select_runs, on no runs; search parses the filter as MLflow's
+    stores do."""
+
+    def get_experiment_by_name(self, name):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(experiment_id="1")
+
+    def search_runs(self, experiment_ids, filter_string="", **kwargs):
+        from mlflow.utils.search_utils import SearchUtils
+
+        SearchUtils.parse_search_filter(filter_string)
+        return []
+
+
+def test_a_filter_mlflow_cannot_parse_is_one_line():
+    from pipeline.evaluation.compare import CompareError, select_runs
+
+    with pytest.raises(CompareError) as error:
+        select_runs(FakeClient(), experiment="e", filter_string="params.train.lr == 0.5")
+    assert "\n" not in str(error.value)
+    assert str(error.value).startswith("--filter 'params.train.lr == 0.5': Expected a quoted")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "give run ids, or --experiment (and --filter)"),
+        (["abc", "--experiment", "e"], "give run ids or --experiment, not both"),
+        (["abc", "--filter", "tags.stage = 'train'"], "--filter goes with --experiment"),
+    ],
+)
+def test_the_command_line_says_what_is_missing(argv, message, capsys, tmp_path):
+    # Without arguments it said "give run ids or --experiment, not both".
+    compare = load_script("compare")
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main([*argv, "--uri", f"sqlite:///{tmp_path}/unused.db"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")
+
+
+def test_the_default_picture_and_downloaded_weights_stay_out_of_git():
+    # compare.png landed in the current folder, and neither it nor pretrained/ was ignored.
+    compare = load_script("compare")
+    out = compare.build_parser().parse_args(["abc"]).out
+    assert out.startswith("outputs/")
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", out, "pretrained/maskrcnn_r50_fpn_coco.pt"],
+        cwd=REPO, capture_output=True, text=True,
+    )  # fmt: skip
+    assert ignored.stdout.split() == [out, "pretrained/maskrcnn_r50_fpn_coco.pt"]

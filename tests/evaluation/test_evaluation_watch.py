@@ -58,5 +58,22 @@ def test_config_comes_from_the_file_or_the_training_run(tmp_path):
         cfg = config_for(None, ["eval.num_pictures=0"], str(checkpoint), None)
         assert (cfg.train.lr, cfg.eval.batch_size, cfg.eval.num_pictures) == (0.005, 3, 0)
     assert config_for(None, [], None, str(run)).train.lr == 0.005
+    (tmp_path / "elsewhere.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="no --config given"):
         config_for(None, [], str(tmp_path / "elsewhere.pt"), None)
+
+
+def test_a_checkpoint_path_that_does_not_exist_is_named_before_the_config(tmp_path):
+    # A typo used to be reported as a missing training config.yaml "at or above" the path.
+    run = tmp_path / "demo" / "train"
+    save_config(load_config(), run / "config.yaml")
+    typo = tmp_path / "demo" / "trian"
+    expected = f"^checkpoint {typo}: no such file or directory \\(did you mean {run}\\?\\)$"
+    with pytest.raises(CheckpointError, match=expected):
+        config_for(None, [], str(typo), None)
+    with pytest.raises(CheckpointError, match=f"^checkpoint {typo}: no such file or directory"):
+        config_for(str(run / "config.yaml"), [], str(typo), None)
+    with pytest.raises(CheckpointError, match=f"^--watch {typo}: no such directory"):
+        config_for(None, [], None, str(typo))
+    with pytest.raises(CheckpointError, match=r"no such file or directory$"):
+        config_for(None, [], str(tmp_path / "nothing" / "like" / "it"), None)

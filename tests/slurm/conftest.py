@@ -1,5 +1,6 @@
 """A real one-node Slurm cluster (session-scoped) and a tiny shapes dataset for its jobs."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,15 @@ from slurm_helpers import LocalSlurm, unavailable_reason
 
 from pipeline.data.shapes import make_shapes_dataset
 from pipeline.data.sharding import build_shards
+
+
+@pytest.fixture(scope="session")
+def slurm_commands():
+    """Slurm's commands (scontrol, sbatch, ...) on the PATH, installed with apt-get when
+    missing; skipped, with the reason, where that cannot be done."""
+    reason = None if shutil.which("scontrol") else unavailable_reason(install=True)
+    if reason:
+        pytest.skip(f"no Slurm commands: {reason}")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,38 @@ def test_pipeline_on_cpu_with_srun_tasks(tmp_path):
     assert option(train, "ntasks-per-node") == "2" and option(train, "gpus-per-node") is None
     assert option(evaluate, "dependency") == "after:1000"  # beside training
     assert evaluate[evaluate.index("--watch") + 1] == f"{tmp_path}/out"
+
+
+def test_pipeline_without_sbatch_says_so_in_one_line_and_creates_nothing(tmp_path):
+    # It used to create its log folder, then fail with "sbatch: command not found".
+    bin_dir = tmp_path / "bin"  # a PATH with the shell's own tools and no Slurm
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "basename", "date", "mkdir", "sed", "cat"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    env = {"PATH": str(bin_dir), "PYTHON": sys.executable, "HOME": str(tmp_path)}
+    result = subprocess.run(
+        [str(REPO / "slurm" / "pipeline.sh"), "--config", "configs/tiny.yaml",
+         f"train.output_dir={tmp_path}/out"],
+        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "slurm/pipeline.sh: error: sbatch is not on the PATH: run it where Slurm is "
+        "(a login node), or add --dry-run to print the sbatch commands"
+    ]
+    assert result.stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_the_tests_that_need_slurms_commands_live_here():
+    # tests/slurm installs Slurm (conftest.py); a test elsewhere that needs its commands ran
+    # before that on a fresh machine and skipped ("scontrol is not installed"), also in CI.
+    here = Path(__file__).resolve().parent
+    pattern = re.compile(r"""which\(\s*["'](scontrol|sbatch|srun|sinfo|squeue)["']""")
+    elsewhere = [
+        str(path.relative_to(REPO))
+        for path in (REPO / "tests").rglob("*.py")
+        if here not in path.parents and pattern.search(path.read_text())
+    ]
+    assert elsewhere == []
