@@ -3,7 +3,8 @@
 Uses ``modeling``, ``data`` and ``tracking``; never ``evaluation``."""
 
 from .checkpoint import CheckpointError, latest_entry, load_file_checkpoint
-from .loop import NonFiniteLossError, train
+from .loop import train
+from .nonfinite import NonFiniteLossError
 from .preemption import PREEMPTED_EXIT_CODE
 
 __all__ = [
