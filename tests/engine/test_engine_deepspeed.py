@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 from engine_helpers import REPO, free_port, run_train, tiny_overrides, train_env
+from test_engine_schedule import SCALED as DDP_SCALED
 
 from pipeline.engine.checkpoint import CheckpointError
 from pipeline.engine.strategy_deepspeed import deepspeed_config, zero_partition_files
@@ -338,18 +339,8 @@ def test_momentum_resharded_to_another_world_size_continues_exactly(
         assert torch.allclose(resumed[name], straight[name], rtol=0, atol=1e-6), name
 
 
-SCALED = {
-    "distributed.strategy": "deepspeed",
-    "distributed.zero_stage": 2,
-    "train.scale_schedule": "true",
-    "train.max_steps": 8,
-    "train.lr_steps": "[4]",
-    "train.warmup_iters": 2,
-    "train.checkpoint_every": 4,
-    "train.keep_checkpoints": 0,
-    "data.epoch_samples": 1000,
-    "data.num_workers": 0,
-}
+# The DDP schedule test's settings (test_engine_schedule.py), under DeepSpeed ZeRO-2.
+SCALED = {**DDP_SCALED, "distributed.strategy": "deepspeed", "distributed.zero_stage": 2}
 
 
 def client_state(out) -> dict:

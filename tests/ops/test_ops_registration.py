@@ -23,6 +23,15 @@ def roi_inputs(device, requires_grad=True):
     return x, rois
 
 
+def run_python(script: str) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter of the repository (the ops load at its import)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
+        timeout=120,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_opcheck_roi_align(device, mode, channels_last):
@@ -133,15 +142,7 @@ def test_fallback_to_reference_without_kernels():
         print("fallback ok")
         """
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=120,
-    )
+    result = run_python(script)
     assert result.returncode == 0, result.stderr
     assert "fallback ok" in result.stdout
 
@@ -232,15 +233,7 @@ def test_gpu_box_without_cuda_build_raises_on_cuda_tensors():
                 print("raised:", error)
         """
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=120,
-    )
+    result = run_python(script)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 1 and lines[0].startswith("raised: ops:"), result.stdout
