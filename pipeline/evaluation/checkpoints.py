@@ -31,18 +31,13 @@ from torch.serialization import get_unsafe_globals_in_checkpoint
 
 from pipeline.modeling import MaskRCNN
 from pipeline.rundir import DEEPSPEED_MODEL_FILE, CheckpointError, entry_step, resolve_entry
-from pipeline.rundir import FINISHED as FINISHED_FILE
-from pipeline.rundir import LATEST as LATEST_FILE
 
 __all__ = [
     "DEEPSPEED_MODEL_FILE",
-    "FINISHED_FILE",
     "INFERENCE_ARGS",
-    "LATEST_FILE",
     "CheckpointError",
     "LoadedCheckpoint",
     "build_eval_model",
-    "entry_step",
     "load_checkpoint",
     "load_exact",
     "resolve_checkpoint",

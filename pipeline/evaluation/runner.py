@@ -27,16 +27,9 @@ from pipeline.data import build_val_loader, read_manifest
 from pipeline.data.ground_truth import read_ground_truth
 from pipeline.distributed import DistInfo, device_for
 from pipeline.modeling import model_args_from_config
+from pipeline.rundir import FINISHED, entry_step, list_entries, read_latest
 
-from .checkpoints import (
-    FINISHED_FILE,
-    LATEST_FILE,
-    CheckpointError,
-    LoadedCheckpoint,
-    build_eval_model,
-    entry_step,
-    load_checkpoint,
-)
+from .checkpoints import CheckpointError, LoadedCheckpoint, build_eval_model, load_checkpoint
 from .coco_eval import IOU_TYPES, resolve_backend
 from .inference import ModelPredictor, run_inference
 from .report import METRICS_FILE, EvalReport, EvalSettings, score_outputs
@@ -156,19 +149,15 @@ def evaluate_checkpoint(
 def checkpoint_entries(checkpoint_dir: Path) -> list[str]:
     """The complete checkpoint entries (``step_N.pt`` files, ``step_N`` DeepSpeed
     directories) of a training run, by step."""
-    if not checkpoint_dir.is_dir():
-        return []
-    names = [p.name for p in checkpoint_dir.iterdir() if entry_step(p.name) is not None]
-    return sorted(names, key=entry_step)
+    return [path.name for path in list_entries(checkpoint_dir)]
 
 
 def next_to_evaluate(checkpoint_dir: Path, done: set[str]) -> tuple[str | None, bool]:
     """(the oldest entry up to ``latest`` not yet evaluated, whether training finished and
     nothing is left). FINISHED is read before ``latest``: training writes it last, so a
     FINISHED seen first means the ``latest`` read after it is the final checkpoint."""
-    finished = (checkpoint_dir / FINISHED_FILE).exists()
-    latest_file = checkpoint_dir / LATEST_FILE
-    latest = latest_file.read_text().strip() if latest_file.is_file() else ""
+    finished = (checkpoint_dir / FINISHED).exists()
+    latest = read_latest(checkpoint_dir) or ""
     if entry_step(latest) is None:
         return None, False
     pending = [
