@@ -32,6 +32,7 @@ from pipeline.data import build_train_loader
 from pipeline.distributed import DistInfo, device_for, init_distributed, shutdown_distributed
 from pipeline.modeling import build_model
 from pipeline.modeling.weights import load_init_weights, load_strict_state
+from pipeline.rundir import DEEPSPEED_MODEL_FILE
 from pipeline.tracking import build_tracker
 
 from .checkpoint import (
@@ -304,7 +305,7 @@ def _train(cfg, info: DistInfo, tracker) -> int:
     if info.is_main:
         final = latest_entry(ckpt_dir)
         if final is not None:
-            model_file = final / "mp_rank_00_model_states.pt" if final.is_dir() else final
+            model_file = final / DEEPSPEED_MODEL_FILE if final.is_dir() else final
             tracker.log_artifact(model_file, "checkpoints")
         (ckpt_dir / FINISHED).touch()
         log.info("done: %d steps; checkpoints in %s", step, ckpt_dir)
