@@ -4,6 +4,7 @@ sender's thread; every function may raise what the client raises)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,19 @@ def find_created(client, session: dict[str, Any]) -> str | None:
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
+
+
+def artifacts_beside(uri: str) -> str | None:
+    """``mlartifacts/`` beside a SQLite store file (``sqlite:////abs/mlflow.db`` ->
+    ``file:///abs/mlartifacts``), where an experiment created on it keeps its runs'
+    artifacts: not in the folder of whichever job created it first (the demo's first job
+    builds shards inside the dataset folder), nor in ./mlruns of its working directory.
+    None for other stores, whose server decides."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri[len(prefix) :] in ("", ":memory:"):
+        return None
+    database = Path(uri[len(prefix) :].split("?", 1)[0])
+    return (database.resolve().parent / "mlartifacts").as_uri()
 
 
 def create_run(client, session: dict[str, Any], local_store_dir: str | None) -> str:

@@ -254,9 +254,7 @@ class Sender:
                 found = runs.find_created(client, first)
                 if found:
                     return self._opened(local, found, "continuing")
-            store = None
-            if self.uri.startswith("sqlite:"):
-                store = (self.run_dir / "mlartifacts").resolve().as_uri()
+            store = runs.artifacts_beside(self.uri)
             try:
                 run_id = runs.create_run(client, first, store)
             except Exception as exc:

@@ -211,3 +211,23 @@ def test_only_rank_zero_tracks(tmp_path, rank):
     tracker.close()
     assert tracker.run_id is None
     assert not (tmp_path / "run").exists()
+
+
+def test_artifacts_live_beside_a_shared_sqlite_store(tmp_path):
+    """The demo's store holds every stage: the experiment's first run (the shard build, run
+    from inside the dataset folder) must not decide where the training's artifacts go."""
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    shards = Tracker(run_dir=tmp_path / "data" / "shards", stage="shards", uri=uri)
+    shards.log_metrics({"images_per_s": 1.0}, step=0)
+    assert shards.close()
+    train = Tracker(run_dir=tmp_path / "train", stage="train", uri=uri)
+    note = tmp_path / "config.yaml"
+    note.write_text("x: 1\n")
+    train.log_artifact(note)
+    assert train.close()
+    client = MlflowClient(tracking_uri=uri)
+    artifact_uri = client.get_run(train.run_id).info.artifact_uri
+    assert artifact_uri.startswith((tmp_path / "store" / "mlartifacts").as_uri()), artifact_uri
+    assert list((tmp_path / "store" / "mlartifacts").rglob("config.yaml"))
+    assert not (tmp_path / "data").joinpath("shards", "mlartifacts").exists()
