@@ -20,9 +20,11 @@ no GPU is needed and the count is the same on every machine:
   (``torch.tensor(x, device=d)``, ``.to(d)``): a copy without ``non_blocking`` synchronises the
   stream.
 * host reads inside compiled ops, which no mode sees, counted per call from their source: our
-  CUDA RoIAlign forward and backward read one flag (``check_roi_indices``, ops/csrc/op_checks.h)
-  and our CUDA NMS one length (``num_kept.item()``, ops/csrc/nms_cuda.cu); torchvision's CUDA
-  NMS copies its mask to the host and the kept indices back (csrc/ops/cuda/nms_kernel.cu).
+  index-list CUDA NMS reads one length (``num_kept.item()``, ops/csrc/nms_cuda.cu; the model
+  calls ``nms_keep_mask``, which reads nothing); our CUDA RoIAlign forward and backward read one
+  flag only with ``MASKRCNN_OPS_SYNC_CHECKS=1`` (``check_roi_indices``, ops/csrc/op_checks.h; by
+  default a device-side assert); torchvision's CUDA NMS copies its mask to the host and the kept
+  indices back (csrc/ops/cuda/nms_kernel.cu).
 
 A GPU run keeps the model, its inputs and what is computed from them on the device, but not
 every tensor: one made without a device (``torch.tensor(image.shape[-2:])``) stays on the host,
@@ -48,6 +50,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import weakref
 from collections import Counter
@@ -83,18 +86,26 @@ def _torchvision_nms(args, out) -> int:
     return 2 * _first_nonempty(args, out)
 
 
-# Host reads inside compiled ops on CUDA: op -> (reads of one call, what reads).
-_CHECK, _KEPT = "check_roi_indices .item", "num_kept.item"
+# Host reads inside compiled ops on CUDA: op -> (reads of one call, what reads). The CUDA
+# poolers validate their RoIs' indices on the device (a device-side assert, no read) unless
+# MASKRCNN_OPS_SYNC_CHECKS=1 turns on the precise check, which reads one flag per call
+# (check_roi_indices, ops/csrc/op_checks.h). nms_keep_mask reads nothing (fixed-size output).
+_CHECK, _KEPT = "check_roi_indices .item (MASKRCNN_OPS_SYNC_CHECKS=1)", "num_kept.item"
 CPP_READS = {
-    "maskrcnn_ops::roi_align": (_pooled, _CHECK),
-    "maskrcnn_ops::multilevel_roi_align": (_pooled, _CHECK),
-    "maskrcnn_ops::roi_align_backward": (_first_nonempty, _CHECK),
-    "maskrcnn_ops::multilevel_roi_align_backward": (_first_nonempty, _CHECK),
     "maskrcnn_ops::nms": (_first_nonempty, _KEPT),
     "maskrcnn_ops::batched_nms": (_first_nonempty, _KEPT),
     "maskrcnn_ops::nms_bitmask": (_first_nonempty, _KEPT),
     "torchvision::nms": (_torchvision_nms, "mask to host, kept indices to device"),
 }
+if os.environ.get("MASKRCNN_OPS_SYNC_CHECKS") == "1":
+    CPP_READS.update(
+        {
+            "maskrcnn_ops::roi_align": (_pooled, _CHECK),
+            "maskrcnn_ops::multilevel_roi_align": (_pooled, _CHECK),
+            "maskrcnn_ops::roi_align_backward": (_first_nonempty, _CHECK),
+            "maskrcnn_ops::multilevel_roi_align_backward": (_first_nonempty, _CHECK),
+        }
+    )
 # Where a wait is attributed: the innermost frame in one of these trees.
 SOURCE_ROOTS = [
     (str(REPO / "pipeline") + "/", "pipeline/"),

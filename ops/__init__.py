@@ -19,7 +19,7 @@ the reference does not scale to the GPU's workloads.
 
 from . import _extension
 from .fpn_levels import default_spatial_scales, map_rois_to_levels
-from .nms import batched_nms, nms
+from .nms import batched_nms, nms, nms_keep_mask
 from .roi_align import multilevel_roi_align, roi_align
 
 if _extension.HAS_CPU_KERNELS:
@@ -38,5 +38,6 @@ __all__ = [
     "map_rois_to_levels",
     "multilevel_roi_align",
     "nms",
+    "nms_keep_mask",
     "roi_align",
 ]

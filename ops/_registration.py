@@ -112,6 +112,12 @@ for _name in ("nms", "batched_nms", "nms_bitmask"):
     register_fake(f"maskrcnn_ops::{_name}", _nms_fake)
 
 
+@register_fake("maskrcnn_ops::nms_keep_mask")
+def _nms_keep_mask_fake(boxes, scores, iou_threshold, idxs=None):
+    # Fixed size: one flag per box.
+    return boxes.new_empty((boxes.shape[0],), dtype=torch.bool)
+
+
 # --- autograd -----------------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ from torch import Tensor
 from . import reference
 from ._extension import use_reference
 
-__all__ = ["batched_nms", "nms"]
+__all__ = ["batched_nms", "nms", "nms_keep_mask"]
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
@@ -56,3 +56,25 @@ def _torchvision_tie_order(keep: Tensor, boxes: Tensor, scores: Tensor) -> Tenso
         return keep
     by_index = keep.sort().values
     return by_index[scores[by_index].sort(descending=True)[1]]
+
+
+def nms_keep_mask(
+    boxes: Tensor, scores: Tensor, iou_threshold: float, idxs: Tensor | None = None
+) -> Tensor:
+    """Fixed-size NMS: a bool [N] mask, True for the boxes :func:`nms` (``idxs`` None) or
+    :func:`batched_nms` keeps. Its size does not depend on the data, so on a GPU the host does not
+    wait for the result (the index-list forms read their length). Boxes whose ``idxs`` are
+    negative are padding: never kept, and they suppress nothing (on the CPU they cost no IoUs).
+    """
+    if use_reference(boxes):
+        mask = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+        if boxes.shape[0] == 0:
+            return mask
+        if idxs is None:
+            return mask.index_fill_(0, reference.nms(boxes, scores, iou_threshold), True)
+        candidates = torch.where(idxs >= 0)[0]
+        kept = reference.batched_nms(
+            boxes[candidates], scores[candidates], idxs[candidates], iou_threshold
+        )
+        return mask.index_fill_(0, candidates[kept], True)
+    return torch.ops.maskrcnn_ops.nms_keep_mask(boxes, scores, float(iou_threshold), idxs)

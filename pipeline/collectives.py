@@ -52,6 +52,17 @@ def mean_across_ranks(value: float) -> float:
     return sum_across_ranks([value])[0] / world_size()
 
 
+def mean_tensor_across_ranks(value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a tensor) averaged over the ranks, as a tensor: no host read (on NCCL the
+    all-reduce is queued on the device like any kernel)."""
+    if world_size() == 1:
+        return value
+    device = _tensor_device()
+    tensor = value.to(device, torch.float64, non_blocking=True, copy=True)
+    dist.all_reduce(tensor)
+    return (tensor / world_size()).to(value.device, value.dtype, non_blocking=True)
+
+
 def any_rank(flags: list[bool]) -> list[bool]:
     """Element-wise OR of boolean flags over all ranks (one tiny all-reduce)."""
     if world_size() == 1:

@@ -92,7 +92,7 @@ void run_below_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet,
 
 template <c10::DeviceType kDevice>
 void register_autocast(torch::Library& m) {
-  for (const char* name : {"nms", "batched_nms", "nms_bitmask"}) {
+  for (const char* name : {"nms", "batched_nms", "nms_bitmask", "nms_keep_mask"}) {
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&run_in_float32<kDevice>>());
   }
   for (const char* name : {"roi_align", "roi_align_backward", "multilevel_roi_align",

@@ -1,4 +1,5 @@
-// CPU non-maximum suppression: nms, batched_nms, and nms_bitmask (the GPU algorithm's twin).
+// CPU non-maximum suppression: nms, batched_nms, nms_bitmask (the GPU algorithm's twin) and
+// nms_keep_mask (the fixed-size form: a keep mask).
 //
 // nms / batched_nms run greedy NMS (the same decisions as torchvision's kernel) with a layout made
 // for speed: boxes are gathered once into score order as separate x1/y1/x2/y2/area arrays, so the
@@ -268,6 +269,29 @@ at::Tensor nms_bitmask_cpu(const at::Tensor& boxes, const at::Tensor& scores,
   return keep.narrow(0, 0, num_kept);
 }
 
+// Fixed-size NMS: a bool [N] keep mask in box order, from nms / batched_nms. Boxes whose idxs are
+// negative are no candidates: they are left out before the greedy pass (never kept, suppress
+// nothing), so padding costs no IoUs.
+at::Tensor nms_keep_mask_cpu(const at::Tensor& boxes, const at::Tensor& scores,
+                             double iou_threshold, const std::optional<at::Tensor>& idxs) {
+  check_boxes(boxes, scores);
+  TORCH_CHECK(boxes.device().is_cpu(), "expected CPU tensors");
+  if (idxs.has_value()) check_idxs(*idxs, boxes);
+  const int64_t n = boxes.size(0);
+  at::Tensor mask = at::zeros({n}, boxes.options().dtype(at::kBool));
+  if (n == 0) return mask;
+  if (!idxs.has_value()) return mask.index_fill_(0, nms_cpu(boxes, scores, iou_threshold), true);
+  const at::Tensor candidates = at::nonzero(*idxs >= 0).select(1, 0);
+  if (candidates.numel() == 0) return mask;
+  if (candidates.numel() == n) {
+    return mask.index_fill_(0, batched_nms_cpu(boxes, scores, *idxs, iou_threshold), true);
+  }
+  const at::Tensor kept =
+      batched_nms_cpu(boxes.index_select(0, candidates), scores.index_select(0, candidates),
+                      idxs->index_select(0, candidates), iou_threshold);
+  return mask.index_fill_(0, candidates.index_select(0, kept), true);
+}
+
 }  // namespace
 }  // namespace maskrcnn_ops
 
@@ -275,4 +299,5 @@ TORCH_LIBRARY_IMPL(maskrcnn_ops, CPU, m) {
   m.impl("nms", &maskrcnn_ops::nms_cpu);
   m.impl("batched_nms", &maskrcnn_ops::batched_nms_cpu);
   m.impl("nms_bitmask", &maskrcnn_ops::nms_bitmask_cpu);
+  m.impl("nms_keep_mask", &maskrcnn_ops::nms_keep_mask_cpu);
 }

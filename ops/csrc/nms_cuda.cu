@@ -6,8 +6,9 @@
 //  3. nms_keep_kernel: one thread block walks the mask in score order (ops_math.h:
 //     nms_keep_walk); thread 0 writes each kept box's original index, so the indices come out
 //     compacted and sorted on the device. Neither the mask nor the keep flags go to the host.
-//  4. The one host synchronisation: reading the number of kept boxes, which is the length of the
-//     returned tensor and so cannot be known on the host otherwise.
+//  4. The one host synchronisation of nms / batched_nms / nms_bitmask: reading the number of kept
+//     boxes, which is the length of the returned tensor and so cannot be known on the host
+//     otherwise. nms_keep_mask returns a [N] keep mask instead and reads nothing.
 //
 // batched_nms passes the class of each box and the mask skips pairs of different classes, the
 // effect of the coordinate-offset trick without offsetting (and rounding) the coordinates.
@@ -73,14 +74,12 @@ __global__ void nms_keep_kernel(const uint64_t* __restrict__ mask, int64_t n, in
   if (threadIdx.x == 0) *num_kept = kept;
 }
 
-at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold,
-                         const at::Tensor* idxs) {
-  check_boxes(boxes, scores);
-  if (idxs != nullptr) check_idxs(*idxs, boxes);
-  TORCH_CHECK(boxes.is_cuda(), "expected CUDA tensors");
-  const at::cuda::CUDAGuard device_guard(boxes.device());
+// Steps 1-3 for n > 0 boxes: `keep` [n] gets the kept indices in its first num_kept entries (the
+// rest stay `fill`), `num_kept` [1] their count, both on the device.
+void nms_cuda_launch(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold,
+                     const at::Tensor* idxs, int64_t fill, at::Tensor& keep,
+                     at::Tensor& num_kept) {
   const int64_t n = boxes.size(0);
-  if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
   const int64_t col_blocks = (n + kNmsBlock - 1) / kNmsBlock;
   TORCH_CHECK(col_blocks <= 65535, "nms supports at most ", 65535 * kNmsBlock, " boxes, got ", n);
 
@@ -91,8 +90,8 @@ at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores, doub
   const at::Tensor classes =
       idxs != nullptr ? idxs->index_select(0, order).to(at::kLong).contiguous() : at::Tensor();
   at::Tensor mask = at::empty({n, col_blocks}, boxes.options().dtype(at::kLong));
-  at::Tensor keep = at::empty({n}, boxes.options().dtype(at::kLong));
-  at::Tensor num_kept = at::empty({1}, boxes.options().dtype(at::kLong));
+  keep = at::full({n}, fill, boxes.options().dtype(at::kLong));
+  num_kept = at::empty({1}, boxes.options().dtype(at::kLong));
   uint64_t* mask_ptr = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
@@ -121,8 +120,45 @@ at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores, doub
                                                         keep.data_ptr<int64_t>(),
                                                         num_kept.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor nms_cuda_impl(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold,
+                         const at::Tensor* idxs) {
+  check_boxes(boxes, scores);
+  if (idxs != nullptr) check_idxs(*idxs, boxes);
+  TORCH_CHECK(boxes.is_cuda(), "expected CUDA tensors");
+  const at::cuda::CUDAGuard device_guard(boxes.device());
+  const int64_t n = boxes.size(0);
+  if (n == 0) return at::empty({0}, boxes.options().dtype(at::kLong));
+  at::Tensor keep, num_kept;
+  nms_cuda_launch(boxes, scores, iou_threshold, idxs, /*fill=*/0, keep, num_kept);
   // The single device-to-host read: the output's length.
   return keep.narrow(0, 0, num_kept.item<int64_t>());
+}
+
+// The fixed-size form, without any host read: the kept indices (the rest of `keep` filled with n,
+// a spare slot) are scattered into a [n + 1] mask whose spare slot is dropped. Boxes of negative
+// idxs are a class apart from every valid box, so they suppress none of them, and are unmarked at
+// the end.
+at::Tensor nms_keep_mask_cuda(const at::Tensor& boxes, const at::Tensor& scores,
+                              double iou_threshold, const std::optional<at::Tensor>& idxs) {
+  check_boxes(boxes, scores);
+  if (idxs.has_value()) check_idxs(*idxs, boxes);
+  TORCH_CHECK(boxes.is_cuda(), "expected CUDA tensors");
+  const at::cuda::CUDAGuard device_guard(boxes.device());
+  const int64_t n = boxes.size(0);
+  at::Tensor mask = at::zeros({n + 1}, boxes.options().dtype(at::kBool));
+  if (n == 0) return mask.narrow(0, 0, 0);
+  // Every padding box in one class (-1), so that no valid class meets them.
+  const std::optional<at::Tensor> classes =
+      idxs.has_value() ? std::optional<at::Tensor>(idxs->to(at::kLong).clamp_min(-1)) : idxs;
+  at::Tensor keep, num_kept;
+  nms_cuda_launch(boxes, scores, iou_threshold, classes.has_value() ? &*classes : nullptr,
+                  /*fill=*/n, keep, num_kept);
+  mask.index_fill_(0, keep, true);
+  mask = mask.narrow(0, 0, n);
+  if (classes.has_value()) mask = at::logical_and(mask, *classes >= 0);
+  return mask;
 }
 
 at::Tensor nms_cuda(const at::Tensor& boxes, const at::Tensor& scores, double iou_threshold) {
@@ -146,4 +182,5 @@ TORCH_LIBRARY_IMPL(maskrcnn_ops, CUDA, m) {
   m.impl("nms", &maskrcnn_ops::nms_cuda);
   m.impl("batched_nms", &maskrcnn_ops::batched_nms_cuda);
   m.impl("nms_bitmask", &maskrcnn_ops::nms_bitmask_cuda);
+  m.impl("nms_keep_mask", &maskrcnn_ops::nms_keep_mask_cuda);
 }

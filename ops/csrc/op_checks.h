@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <string_view>
 #include <vector>
@@ -53,9 +54,24 @@ inline bool all_channels_last(at::TensorList features) {
   return true;
 }
 
-// Raises, naming the first offender, when a RoI's batch index is outside [0, batch_size) (or NaN)
-// or its level outside [0, num_levels). The CPU kernels check as they plan; the CUDA wrappers call
-// this before launching (one device-to-host read of a flag, two more only to word the error).
+// Whether MASKRCNN_OPS_SYNC_CHECKS=1 (read once, at the first CUDA pooler call): the debug switch
+// of check_roi_indices's precise, host-reading check.
+inline bool sync_checks_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("MASKRCNN_OPS_SYNC_CHECKS");
+    return value != nullptr && std::string_view(value) == "1";
+  }();
+  return enabled;
+}
+
+// Validates each RoI's batch index (in [0, batch_size), not NaN) and level (in [0, num_levels)).
+// The CPU kernels check as they plan; the CUDA wrappers call this before launching.
+//  * By default without a host read: the "all valid" flag is computed on the device and checked by
+//    a device-side assert (at::_assert_async), so the host does not wait for the GPU on every
+//    pooler call. A bad index then fails at the next synchronisation, as a device-side assert
+//    (which leaves the CUDA context unusable).
+//  * With MASKRCNN_OPS_SYNC_CHECKS=1: the precise check, which raises a RuntimeError naming the
+//    first offender (one device-to-host read of a flag, two more only to word the error).
 inline void check_roi_indices(const at::Tensor& rois, const at::Tensor* levels, int64_t batch_size,
                               int64_t num_levels) {
   if (rois.size(0) == 0) return;
@@ -64,6 +80,12 @@ inline void check_roi_indices(const at::Tensor& rois, const at::Tensor* levels, 
   at::Tensor bad = bad_batch;
   if (levels != nullptr) {
     bad = at::logical_or(bad, at::logical_or(*levels < 0, *levels >= num_levels));
+  }
+  if (!sync_checks_enabled()) {
+    at::_assert_async(at::logical_not(bad.any()),
+                      "maskrcnn_ops: a RoI has a batch index or level out of range (rerun with "
+                      "MASKRCNN_OPS_SYNC_CHECKS=1 for an error naming it)");
+    return;
   }
   if (!bad.any().item<bool>()) return;
   const int64_t k = bad.nonzero().select(1, 0)[0].item<int64_t>();

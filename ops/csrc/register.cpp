@@ -34,4 +34,10 @@ TORCH_LIBRARY(maskrcnn_ops, m) {
   // it is the testable twin of the GPU code path. idxs, when given, makes it batched.
   m.def(
       "nms_bitmask(Tensor boxes, Tensor scores, float iou_threshold, Tensor? idxs=None) -> Tensor");
+  // Fixed-size NMS: a bool [N] mask, True for the boxes nms (idxs None) or batched_nms keeps; no
+  // output length depends on the data, so the host never waits for it. Boxes whose idxs are
+  // negative are padding: never kept, and they suppress nothing.
+  m.def(
+      "nms_keep_mask(Tensor boxes, Tensor scores, float iou_threshold, Tensor? idxs=None) -> "
+      "Tensor");
 }

@@ -1,5 +1,5 @@
 """Box arithmetic shared by the RPN and the RoI heads: IoU, the box coder, the chunked
-proposal matcher and the balanced positive/negative sampler.
+proposal matcher (the balanced sampler is in :mod:`.sampling`).
 
 Boxes follow the convention stated in :mod:`pipeline.modeling` (xyxy, absolute pixels, no +1).
 The arithmetic mirrors torchvision's operation by operation, so that a model converted from
@@ -135,18 +135,17 @@ class ProposalMatcher:
         self.max_chunk_elements = max_chunk_elements
 
     def __call__(self, gt_boxes: Tensor, candidates: Tensor) -> Tensor:
+        # Without a host-device synchronisation: no nonzero, no boolean indexing, no reads.
         num_candidates = candidates.shape[0]
         if gt_boxes.numel() == 0:
             return torch.full(
                 (num_candidates,), BELOW_LOW_THRESHOLD, dtype=torch.int64, device=candidates.device
             )
         chunk = max(1, self.max_chunk_elements // gt_boxes.shape[0])
-        matched_vals, matches = [], []
+        starts = range(0, num_candidates, chunk)
+        matched_vals, matches, ious = [], [], []
         best_iou_per_gt = None
-        # (gt, candidate, iou) where the candidate is the gt's best within its chunk; the
-        # global best ones are picked at the end, so no second pass over the IoUs is needed.
-        chunk_best_pairs = []
-        for start in range(0, num_candidates, chunk):
+        for start in starts:
             iou = box_iou(gt_boxes, candidates[start : start + chunk])  # [G, c]
             vals, idxs = iou.max(dim=0)
             matched_vals.append(vals)
@@ -158,63 +157,25 @@ class ProposalMatcher:
                     if best_iou_per_gt is None
                     else torch.max(best_iou_per_gt, chunk_best)
                 )
-                # IoU-0 "best matches" are recovered below; recording them could be huge.
-                gt_idx, cand_idx = torch.where((iou == chunk_best[:, None]) & (iou > 0))
-                chunk_best_pairs.append((gt_idx, cand_idx + start, iou[gt_idx, cand_idx]))
+                if len(starts) == 1:
+                    ious.append(iou)
         matched_vals_t = torch.cat(matched_vals)
         all_matches = torch.cat(matches)
-        result = all_matches.clone()
-        result[matched_vals_t < self.low_threshold] = BELOW_LOW_THRESHOLD
+        result = all_matches.masked_fill(matched_vals_t < self.low_threshold, BELOW_LOW_THRESHOLD)
         between = (matched_vals_t >= self.low_threshold) & (matched_vals_t < self.high_threshold)
-        result[between] = BETWEEN_THRESHOLDS
+        result = result.masked_fill(between, BETWEEN_THRESHOLDS)
         if self.allow_low_quality_matches:
             # Candidates that are some ground-truth box's best match keep their (argmax) match,
-            # even below the thresholds, as torchvision does.
-            gt_idx = torch.cat([p[0] for p in chunk_best_pairs])
-            cand_idx = torch.cat([p[1] for p in chunk_best_pairs])
-            values = torch.cat([p[2] for p in chunk_best_pairs])
-            best = cand_idx[values == best_iou_per_gt[gt_idx]]
-            if (best_iou_per_gt == 0).any():
-                # A ground-truth box overlapping no candidate: torchvision keeps every candidate
-                # with IoU 0 to it, i.e. those whose IoU with it is 0.
-                untouched = gt_boxes[best_iou_per_gt == 0]
-                zero = torch.cat(
-                    [
-                        (box_iou(untouched, candidates[s : s + chunk]) == 0).any(dim=0)
-                        for s in range(0, num_candidates, chunk)
-                    ]
-                )
-                best = torch.cat([best, torch.where(zero)[0]])
-            result[best] = all_matches[best]
+            # even below the thresholds, as torchvision does (IoU-0 ties included: a ground-truth
+            # box overlapping no candidate keeps every candidate). Several chunks: a second pass
+            # recomputes their IoUs, against the global best.
+            best = best_iou_per_gt[:, None]
+            low_quality = torch.cat(
+                [
+                    ((ious[0] if ious else box_iou(gt_boxes, candidates[s : s + chunk])) == best)
+                    .any(dim=0)
+                    for s in starts
+                ]
+            )
+            result = torch.where(low_quality, all_matches, result)
         return result
-
-
-class BalancedSampler:
-    """Samples up to ``batch_size_per_image`` candidates per image with at most
-    ``positive_fraction`` positives (labels >= 1), filling up with negatives (labels == 0);
-    labels < 0 are never sampled.
-
-    The permutations are drawn from ``generator`` (any device; set by
-    ``MaskRCNN.set_generator``) or, when it is None, from torch's global RNG.
-    """
-
-    def __init__(self, batch_size_per_image: int, positive_fraction: float) -> None:
-        self.batch_size_per_image = batch_size_per_image
-        self.positive_fraction = positive_fraction
-        self.generator: torch.Generator | None = None
-
-    def _randperm(self, n: int, device: torch.device) -> Tensor:
-        if self.generator is None:
-            return torch.randperm(n, device=device)
-        perm = torch.randperm(n, device=self.generator.device, generator=self.generator)
-        return perm.to(device)
-
-    def __call__(self, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Indices of the sampled positives and negatives of one image's ``labels`` [N]."""
-        positive = torch.where(labels >= 1)[0]
-        negative = torch.where(labels == 0)[0]
-        num_pos = min(positive.numel(), int(self.batch_size_per_image * self.positive_fraction))
-        num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
-        pos = positive[self._randperm(positive.numel(), labels.device)[:num_pos]]
-        neg = negative[self._randperm(negative.numel(), labels.device)[:num_neg]]
-        return pos, neg

@@ -40,22 +40,13 @@ def _interpolation_matrix(offsets: Tensor, lengths: Tensor, in_size: int, out_si
     return weights * inside[..., None]
 
 
-def paste_masks_in_image(
-    masks: Tensor,
-    boxes: Tensor,
-    image_size: Sequence[int],
-    padding: int = 1,
-    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> Tensor:
-    """Paste ``masks`` [N, 1, M, M] (probabilities inside ``boxes`` [N, 4], xyxy in the target
-    image) into [N, 1, H, W] images of ``image_size`` (H, W)."""
+def paste_sizes(masks: Tensor, boxes: Tensor, image_size: Sequence[int], padding: int = 1):
+    """What :func:`paste_masks_in_image` computes on the device before it reads anything:
+    (geometry tensors, ``sizes`` [N, 3] int64: each detection's size class and crop height and
+    width). The host needs ``sizes``: a caller pasting several images reads them all at once
+    (one synchronisation for the batch) and passes each image's rows as ``sizes``."""
     height, width = int(image_size[0]), int(image_size[1])
-    num = masks.shape[0]
-    out = masks.new_zeros((num, 1, height, width))
-    if num == 0:
-        return out
     m = masks.shape[-1]
-    padded = F.pad(masks[:, 0], (padding,) * 4)  # [N, M+2p, M+2p]
     scale = float(m + 2 * padding) / m
     half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
     half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
@@ -74,25 +65,61 @@ def paste_masks_in_image(
     crop_w = ((x0 + box_w).clamp(max=width) - crop_x0).clamp(min=0)
     crop_h = ((y0 + box_h).clamp(max=height) - crop_y0).clamp(min=0)
     size_class = torch.maximum(crop_h, crop_w).clamp(min=1).to(torch.float32).log2().ceil()
-    out_flat = out.view(-1)
-    for group in size_class.unique():
-        members = (size_class == group).nonzero().flatten()
-        max_h = max(1, int(crop_h[members].max()))
-        max_w = max(1, int(crop_w[members].max()))
+    geometry = (x0, y0, box_w, box_h, crop_x0, crop_y0, crop_w, crop_h, size_class)
+    return geometry, torch.stack((size_class.to(torch.int64), crop_h, crop_w), dim=1)
+
+
+def paste_masks_in_image(
+    masks: Tensor,
+    boxes: Tensor,
+    image_size: Sequence[int],
+    padding: int = 1,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    sizes: list[list[int]] | None = None,
+) -> Tensor:
+    """Paste ``masks`` [N, 1, M, M] (probabilities inside ``boxes`` [N, 4], xyxy in the target
+    image) into [N, 1, H, W] images of ``image_size`` (H, W). ``sizes``: the host's copy of
+    :func:`paste_sizes`'s rows for these detections (read here when None: one host read)."""
+    height, width = int(image_size[0]), int(image_size[1])
+    num = masks.shape[0]
+    # One spare element past the output: the cells outside a crop are written there, instead of
+    # being dropped by boolean indexing (whose size is the data's: a host read on a GPU).
+    storage = masks.new_zeros(num * height * width + 1)
+    out = storage[:-1].view(num, 1, height, width)
+    if num == 0:
+        return out
+    padded = F.pad(masks[:, 0], (padding,) * 4)  # [N, M+2p, M+2p]
+    geometry, size_rows = paste_sizes(masks, boxes, image_size, padding)
+    x0, y0, box_w, box_h, crop_x0, crop_y0, crop_w, crop_h, size_class = geometry
+    if sizes is None:
+        sizes = size_rows.tolist()
+    # The groups in increasing size class, each in increasing detection order: on the host from
+    # ``sizes``, on the device as the same stable sort.
+    host_order = sorted(range(num), key=lambda i: sizes[i][0])
+    by_class = size_class.argsort(stable=True)
+    start = 0
+    while start < num:
+        group = sizes[host_order[start]][0]
+        end = start
+        while end < num and sizes[host_order[end]][0] == group:
+            end += 1
+        rows = [sizes[i] for i in host_order[start:end]]
+        max_h = max(1, max(r[1] for r in rows))
+        max_w = max(1, max(r[2] for r in rows))
         # Temporaries per element: the crop (float32) and its scatter index (int64).
         chunk = max(1, max_chunk_bytes // (max_h * max_w * 12))
-        for start in range(0, members.numel(), chunk):
-            sel = members[start : start + chunk]
-            rows = _interpolation_matrix(
+        for first in range(start, end, chunk):
+            sel = by_class[first : min(first + chunk, end)]
+            rows_w = _interpolation_matrix(
                 crop_y0[sel] - y0[sel], box_h[sel], padded.shape[-1], max_h
             )
-            cols = _interpolation_matrix(
+            cols_w = _interpolation_matrix(
                 crop_x0[sel] - x0[sel], box_w[sel], padded.shape[-1], max_w
             )
             # In the masks' dtype even under autocast (bf16 would round the probabilities
             # and could not be written into the output).
             with torch.autocast(masks.device.type, enabled=False):
-                crops = torch.bmm(torch.bmm(rows, padded[sel]), cols.transpose(1, 2))
+                crops = torch.bmm(torch.bmm(rows_w, padded[sel]), cols_w.transpose(1, 2))
             offs_y = torch.arange(max_h, device=masks.device)
             offs_x = torch.arange(max_w, device=masks.device)
             valid = (offs_y[None, :, None] < crop_h[sel, None, None]) & (
@@ -101,5 +128,7 @@ def paste_masks_in_image(
             ys = crop_y0[sel, None] + offs_y[None, :]
             xs = crop_x0[sel, None] + offs_x[None, :]
             flat_index = (sel[:, None, None] * height + ys[:, :, None]) * width + xs[:, None, :]
-            out_flat[flat_index[valid]] = crops[valid]
+            target = torch.where(valid, flat_index, storage.numel() - 1)
+            storage.index_put_((target.reshape(-1),), crops.reshape(-1).to(storage.dtype))
+        start = end
     return out

@@ -15,13 +15,21 @@ import ops
 from .backbone import group_norm
 from .boxes import (
     DEFAULT_BBOX_XFORM_CLIP,
-    BalancedSampler,
     BoxCoder,
     ProposalMatcher,
     clip_boxes_to_image,
     nonsmall_box_mask,
 )
-from .losses import BoxLoss, average_across_ranks, box_regression_loss, sigmoid_focal_loss
+from .fixed_size import Proposals, as_proposals, compact, top_kept
+from .losses import (
+    PADDING_LOGIT,
+    BoxLoss,
+    average_across_ranks,
+    box_regression_loss,
+    masked_mean,
+    sigmoid_focal_loss,
+)
+from .sampling import BalancedSampler
 
 # FPN levels P2..P5 pooled by the RoI heads, and their strides' inverse.
 POOLER_SCALES = (1 / 4, 1 / 8, 1 / 16, 1 / 32)
@@ -194,6 +202,9 @@ class RoIHeads(nn.Module):
         self.pooler_sampling_ratio = pooler_sampling_ratio
         self.pooler_aligned = pooler_aligned
         self.pooler_mode = pooler_mode
+        # The mask loss on all padded positive slots (no host read) or on the positives alone
+        # (one read a step, cheaper on a CPU): see _mask_loss.
+        self.pad_mask_positives = False
 
     def _pool(self, features: list[Tensor], rois: Tensor, size: int) -> Tensor:
         # The levels go as they are: the pooler reads channels_last (and NCHW) maps in place,
@@ -211,10 +222,12 @@ class RoIHeads(nn.Module):
     def forward(
         self,
         features: list[Tensor],
-        proposals: list[Tensor],
+        proposals: Proposals | list[Tensor],
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]] | None = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """``proposals``: the RPN's padded :class:`Proposals`, or a list of per-image boxes."""
+        proposals = as_proposals(proposals)
         if self.training:
             if targets is None:
                 raise ValueError("targets are required in training mode")
@@ -223,36 +236,56 @@ class RoIHeads(nn.Module):
 
     # ---- training ----
 
-    def _train_forward(
-        self, features: list[Tensor], proposals: list[Tensor], targets: list[dict[str, Tensor]]
-    ) -> dict[str, Tensor]:
-        sampled_boxes, labels, regression_targets, matched_gt = [], [], [], []
-        for image_proposals, target in zip(proposals, targets, strict=True):
+    def _sample(self, proposals: Proposals, targets: list[dict[str, Tensor]]) -> dict:
+        """Per image, fixed-size samples of proposals and ground-truth boxes: [S_i] slots with
+        the positives first (at most ``max_pos`` of them, so all among the first ``max_pos``
+        slots) and masks ``valid`` and ``positive``; padding proposals are never sampled."""
+        sample: dict[str, list] = {k: [] for k in ("boxes", "labels", "valid", "positive", "gt")}
+        sample["max_pos"] = []
+        for boxes, valid, target in zip(proposals.boxes, proposals.valid, targets, strict=True):
             gt_boxes, gt_labels = target["boxes"], target["labels"]
-            candidates = torch.cat([image_proposals, gt_boxes.to(image_proposals.dtype)])
+            candidates = torch.cat([boxes, gt_boxes.to(boxes.dtype)])
             matches = self.matcher(gt_boxes, candidates)
-            image_labels = torch.zeros_like(matches)
-            foreground = matches >= 0
-            image_labels[foreground] = gt_labels[matches[foreground]]
-            image_labels[matches == -2] = -1
-            pos, neg = self.sampler(image_labels)
-            keep = torch.cat([pos, neg])
-            kept_boxes = candidates[keep]
-            sampled_boxes.append(kept_boxes)
-            labels.append(image_labels[keep])
-            matched_gt.append(matches[pos])
-            regression_targets.append(
-                self.box_coder.encode(gt_boxes[matches[pos]], kept_boxes[: pos.numel()])
-            )
-        rois = rois_from_boxes(sampled_boxes)
+            image_labels = gt_labels[matches.clamp(min=0)] if gt_boxes.shape[0] else matches
+            image_labels = torch.where(matches >= 0, image_labels, 0)
+            ignored = matches == -2
+            if valid.shape[0]:
+                ignored = ignored | torch.cat([~valid, valid.new_zeros(gt_boxes.shape[0])])
+            image_labels = image_labels.masked_fill(ignored, -1)
+            index, positive, sampled = self.sampler(image_labels)
+            sample["boxes"].append(candidates[index])
+            sample["labels"].append(torch.where(positive, image_labels[index], 0))
+            sample["valid"].append(sampled)
+            sample["positive"].append(positive)
+            sample["gt"].append(matches[index].clamp(min=0))
+            sample["max_pos"].append(self.sampler.sizes(candidates.shape[0])[1])
+        return sample
+
+    def _train_forward(
+        self, features: list[Tensor], proposals: Proposals, targets: list[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        sample = self._sample(proposals, targets)
+        regression_targets = []
+        for boxes, gt, positive, target in zip(
+            sample["boxes"], sample["gt"], sample["positive"], targets, strict=True
+        ):
+            gt_boxes = target["boxes"]
+            matched = gt_boxes[gt] if gt_boxes.shape[0] else boxes  # finite either way
+            encoded = self.box_coder.encode(matched.to(boxes.dtype), boxes)
+            regression_targets.append(torch.where(positive[:, None], encoded, 0.0))
+        rois = rois_from_boxes(sample["boxes"])
         box_features = self.box_head(self._pool(features, rois, 7))
         class_logits, box_deltas = self.box_predictor(box_features)
         class_logits, box_deltas = class_logits.float(), box_deltas.float()  # mixed precision
-        all_labels = torch.cat(labels)
         losses = self._box_losses(
-            class_logits, box_deltas, all_labels, sampled_boxes, regression_targets
+            class_logits,
+            box_deltas,
+            torch.cat(sample["labels"]),
+            torch.cat(sample["valid"]),
+            torch.cat(sample["positive"]),
+            torch.cat(regression_targets),
         )
-        losses["loss_mask"] = self._mask_loss(features, sampled_boxes, labels, matched_gt, targets)
+        losses["loss_mask"] = self._mask_loss(features, sample, targets)
         return losses
 
     def _box_losses(
@@ -260,84 +293,97 @@ class RoIHeads(nn.Module):
         class_logits: Tensor,
         box_deltas: Tensor,
         labels: Tensor,
-        sampled_boxes: list[Tensor],
-        regression_targets: list[Tensor],
+        valid: Tensor,
+        positive: Tensor,
+        regression_targets: Tensor,
     ) -> dict[str, Tensor]:
-        # Positives come first in each image's sample; gather them and their class's deltas.
-        offsets, positives = 0, []
-        for boxes, targets in zip(sampled_boxes, regression_targets, strict=True):
-            positives.append(
-                torch.arange(offsets, offsets + targets.shape[0], device=labels.device)
-            )
-            offsets += boxes.shape[0]
-        pos = torch.cat(positives)
-        num_samples = max(1, labels.numel())
-        deltas = box_deltas.reshape(-1, self.num_classes, 4)[pos, labels[pos]]
+        # Every count a device tensor: normalised by the sampled (valid) slots, as a mean over
+        # an index-list sample would be.
+        num_samples = valid.sum().clamp(min=1)
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        deltas = box_deltas.reshape(-1, self.num_classes, 4)[rows, labels]
+        deltas = torch.where(positive[:, None], deltas, regression_targets)
         box_loss = (
-            box_regression_loss(
-                deltas, torch.cat(regression_targets), self.box_loss, self.smooth_l1_beta
-            )
+            box_regression_loss(deltas, regression_targets, self.box_loss, self.smooth_l1_beta)
             / num_samples
         )
         if self.classifier_loss == "focal":
             # Sigmoid over the foreground classes; background is the all-zeros target.
-            one_hot = torch.zeros_like(class_logits)
-            one_hot[pos, labels[pos] - 1] = 1.0
+            one_hot = F.one_hot(labels, self.num_classes)[:, 1:].to(class_logits.dtype)
             # Normalised by the positives of the whole global batch (averaged over ranks), so
             # the gradient does not depend on how the batch is split across processes.
+            num_pos = average_across_ranks(positive.sum().to(class_logits.dtype))
             classifier_loss = sigmoid_focal_loss(
-                class_logits, one_hot, self.focal_alpha, self.focal_gamma, "sum"
-            ) / max(1.0, average_across_ranks(pos.numel()))
-        elif labels.numel() > 0:
-            classifier_loss = F.cross_entropy(class_logits, labels)
+                torch.where(valid[:, None], class_logits, PADDING_LOGIT),
+                one_hot,
+                self.focal_alpha,
+                self.focal_gamma,
+                "sum",
+            ) / num_pos.clamp(min=1.0)
         else:
-            classifier_loss = class_logits.sum() * 0.0
+            ce = F.cross_entropy(class_logits, labels, reduction="none")
+            classifier_loss = masked_mean(ce, valid)
         return {"loss_classifier": classifier_loss, "loss_box_reg": box_loss}
 
     def _mask_loss(
-        self,
-        features: list[Tensor],
-        sampled_boxes: list[Tensor],
-        labels: list[Tensor],
-        matched_gt: list[Tensor],
-        targets: list[dict[str, Tensor]],
+        self, features: list[Tensor], sample: dict, targets: list[dict[str, Tensor]]
     ) -> Tensor:
-        positive_boxes = [b[: m.numel()] for b, m in zip(sampled_boxes, matched_gt, strict=True)]
-        positive_labels = torch.cat(
-            [lab[: m.numel()] for lab, m in zip(labels, matched_gt, strict=True)]
+        # The positives' slots: the first max_pos of each image's sample, padded.
+        boxes, labels, positive, mask_targets = [], [], [], []
+        for image, target in enumerate(targets):
+            k = sample["max_pos"][image]
+            image_boxes, gt = sample["boxes"][image][:k], sample["gt"][image][:k]
+            boxes.append(image_boxes)
+            labels.append(sample["labels"][image][:k])
+            positive.append(sample["positive"][image][:k])
+            mask_targets.append(self._mask_targets(image_boxes, gt, target["masks"]))
+        rois = rois_from_boxes(boxes)
+        labels_t, positive_t, targets_t = (
+            torch.cat(labels),
+            torch.cat(positive),
+            torch.cat(mask_targets),
         )
-        rois = rois_from_boxes(positive_boxes)
+        # Padding measured (benchmarks/model.py, R50-FPN training at 2 images, 2026-12-06): the
+        # mask head is the costliest per-RoI part of a CPU step, and the padded slots (128 an
+        # image against the typical tens of positives) cost more than one host read of their
+        # count saves, so the positives are compacted after that one read (one sync per step,
+        # whatever the batch). Set ``pad_mask_positives`` for the read-free padded form.
+        if not self.pad_mask_positives:
+            count = int(positive_t.sum())  # the one host read of a training step
+            index = compact(positive_t[None], count)[0][0]
+            rois, labels_t, targets_t = rois[index], labels_t[index], targets_t[index]
+            positive_t = positive_t[index]
         mask_logits = self.mask_head(self._pool(features, rois, 14)).float()
         if rois.shape[0] == 0:
             return mask_logits.sum() * 0.0
-        size = mask_logits.shape[-1]
-        mask_targets = []
-        for boxes, matches, target in zip(positive_boxes, matched_gt, targets, strict=True):
-            if matches.numel() == 0:
-                continue
-            # Only the matched objects' masks are converted to float (images may have hundreds).
-            used, inverse = torch.unique(matches, return_inverse=True)
-            gt_masks = target["masks"][used][:, None].to(boxes.dtype)
-            mask_rois = torch.cat([inverse[:, None].to(boxes.dtype), boxes], dim=1)
-            mask_targets.append(
-                ops.roi_align(
-                    gt_masks,
-                    mask_rois,
-                    (size, size),
-                    spatial_scale=1.0,
-                    sampling_ratio=-1,
-                    aligned=self.pooler_aligned,
-                )[:, 0]
-            )
-        logits = mask_logits[torch.arange(rois.shape[0], device=rois.device), positive_labels]
-        return F.binary_cross_entropy_with_logits(logits, torch.cat(mask_targets))
+        logits = mask_logits[torch.arange(rois.shape[0], device=rois.device), labels_t]
+        bce = F.binary_cross_entropy_with_logits(logits, targets_t, reduction="none")
+        return masked_mean(bce.mean(dim=(1, 2)), positive_t)
+
+    def _mask_targets(self, boxes: Tensor, gt: Tensor, masks: Tensor) -> Tensor:
+        """[K, M, M] targets: each box's matched ground-truth mask, pooled in its box."""
+        size = 2 * 14
+        if masks.shape[0] == 0:
+            return boxes.new_zeros((boxes.shape[0], size, size))
+        # Every ground-truth mask is converted (no unique: its size would be the data's).
+        gt_masks = masks[:, None].to(boxes.dtype)
+        mask_rois = torch.cat([gt[:, None].to(boxes.dtype), boxes], dim=1)
+        return ops.roi_align(
+            gt_masks,
+            mask_rois,
+            (size, size),
+            spatial_scale=1.0,
+            sampling_ratio=-1,
+            aligned=self.pooler_aligned,
+        )[:, 0]
 
     # ---- inference ----
 
     def _inference(
-        self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]
+        self, features: list[Tensor], proposals: Proposals, image_sizes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
-        rois = rois_from_boxes(proposals)
+        num_images, num_proposals = proposals.valid.shape
+        rois = rois_from_boxes(list(proposals.boxes))
         class_logits, box_deltas = self.box_predictor(self.box_head(self._pool(features, rois, 7)))
         # Decode and score in float32 even under mixed precision (bf16 would round boxes).
         class_logits, box_deltas = class_logits.float(), box_deltas.float()
@@ -346,34 +392,38 @@ class RoIHeads(nn.Module):
             scores = torch.sigmoid(class_logits)  # foreground classes only
         else:
             scores = F.softmax(class_logits, -1)[:, 1:]
-        boxes = boxes[:, 1:]
+        num_fg = self.num_classes - 1
+        boxes = boxes[:, 1:].reshape(num_images, num_proposals, num_fg, 4)
+        boxes = torch.stack(
+            [clip_boxes_to_image(b, size) for b, size in zip(boxes, image_sizes, strict=True)]
+        ).reshape(num_images, -1, 4)
+        scores = scores.reshape(num_images, -1)
+        labels = torch.arange(1, self.num_classes, device=scores.device).repeat(num_proposals)
+        candidate = (
+            (scores > self.score_thresh)
+            & nonsmall_box_mask(boxes.reshape(-1, 4), MIN_DETECTION_SIZE).view_as(scores)
+            & proposals.valid[:, :, None].expand(-1, -1, num_fg).reshape(num_images, -1)
+        )
+        # One host read: the most candidates of an image, which sizes the NMS input (all the
+        # candidates, in their order: exact, and no NMS over the padded boxes of a GPU run).
+        size = int(candidate.sum(dim=1).max()) if candidate.numel() else 0
+        index, valid = compact(candidate, size)
+        boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4))
+        scores, labels = scores.gather(1, index), labels[index]
+        image = torch.arange(num_images, device=scores.device)[:, None]
+        keep = ops.nms_keep_mask(
+            boxes.reshape(-1, 4),
+            scores.reshape(-1),
+            self.nms_thresh,
+            torch.where(valid, image * self.num_classes + labels, -1).reshape(-1),
+        ).view_as(scores)
+        order, kept = top_kept(scores, keep, self.detections_per_image)
+        # The outputs cut to size: one read of the per-image counts (kept first in each row).
+        counts = kept.sum(dim=1).tolist()
         detections = []
-        counts = [p.shape[0] for p in proposals]
-        for image_boxes, image_scores, image_size in zip(
-            boxes.split(counts), scores.split(counts), image_sizes, strict=True
-        ):
-            image_boxes = clip_boxes_to_image(image_boxes, image_size).reshape(-1, 4)
-            image_labels = torch.arange(1, self.num_classes, device=image_boxes.device)
-            image_labels = image_labels.repeat(image_scores.shape[0])
-            image_scores = image_scores.reshape(-1)
-            keep = (image_scores > self.score_thresh) & nonsmall_box_mask(
-                image_boxes, MIN_DETECTION_SIZE
-            )
-            keep = torch.where(keep)[0]
-            image_boxes, image_scores, image_labels = (
-                image_boxes[keep],
-                image_scores[keep],
-                image_labels[keep],
-            )
-            kept = ops.batched_nms(image_boxes, image_scores, image_labels, self.nms_thresh)
-            kept = kept[: self.detections_per_image]
-            detections.append(
-                {
-                    "boxes": image_boxes[kept],
-                    "scores": image_scores[kept],
-                    "labels": image_labels[kept],
-                }
-            )
+        for i, count in enumerate(counts):
+            o = order[i, :count]
+            detections.append({"boxes": boxes[i, o], "scores": scores[i, o], "labels": labels[i, o]})
         mask_rois = rois_from_boxes([d["boxes"] for d in detections])
         mask_logits = self.mask_head(self._pool(features, mask_rois, 14)).float()
         mask_probs = torch.sigmoid(
@@ -382,8 +432,6 @@ class RoIHeads(nn.Module):
                 torch.cat([d["labels"] for d in detections]),
             ]
         )[:, None]
-        for detection, probs in zip(
-            detections, mask_probs.split([len(d["boxes"]) for d in detections]), strict=True
-        ):
+        for detection, probs in zip(detections, mask_probs.split(counts), strict=True):
             detection["masks"] = probs
         return detections

@@ -12,14 +12,22 @@ import ops
 
 from .boxes import (
     DEFAULT_BBOX_XFORM_CLIP,
-    BalancedSampler,
     BoxCoder,
     ProposalMatcher,
     clip_boxes_to_image,
     nonsmall_box_mask,
 )
 from .conv import Conv2d
-from .losses import BoxLoss, average_across_ranks, box_regression_loss, sigmoid_focal_loss
+from .fixed_size import Proposals, top_kept
+from .losses import (
+    PADDING_LOGIT,
+    BoxLoss,
+    average_across_ranks,
+    box_regression_loss,
+    masked_mean,
+    sigmoid_focal_loss,
+)
+from .sampling import BalancedSampler
 
 
 class AnchorGenerator(nn.Module):
@@ -166,7 +174,7 @@ class RegionProposalNetwork(nn.Module):
         batch_size: Sequence[int],
         image_sizes: list[tuple[int, int]],
         targets: list[dict[str, Tensor]] | None = None,
-    ) -> tuple[list[Tensor], dict[str, Tensor]]:
+    ) -> tuple[Proposals, dict[str, Tensor]]:
         objectness, deltas = self.head(features)
         # Proposal selection, decoding and losses in float32, also under mixed precision.
         objectness, deltas = objectness.float(), deltas.float()
@@ -192,7 +200,9 @@ class RegionProposalNetwork(nn.Module):
         anchors: Tensor,
         level_counts: list[int],
         image_sizes: list[tuple[int, int]],
-    ) -> list[Tensor]:
+    ) -> Proposals:
+        """The ``post_nms_top_n`` best proposals per image after NMS, as a fixed-size padded
+        batch: no size here depends on the data, so the host never waits for the device."""
         mode = "train" if self.training else "test"
         pre_nms_top_n = self.pre_nms_top_n[mode]
         num_images = objectness.shape[0]
@@ -211,51 +221,64 @@ class RegionProposalNetwork(nn.Module):
         scores = torch.sigmoid(objectness[rows, idx])
         boxes = self.box_coder.decode(deltas[rows, idx].reshape(-1, 4), anchors[idx.reshape(-1)])
         boxes = boxes.view(num_images, -1, 4)
-        proposals = []
-        for image_boxes, image_scores, image_size in zip(boxes, scores, image_sizes, strict=True):
-            image_boxes = clip_boxes_to_image(image_boxes, image_size)
-            keep = nonsmall_box_mask(image_boxes, self.min_size) & (
-                image_scores >= self.score_thresh
-            )
-            keep = torch.where(keep)[0]
-            image_boxes, image_scores = image_boxes[keep], image_scores[keep]
-            kept = ops.batched_nms(image_boxes, image_scores, levels[keep], self.nms_thresh)
-            proposals.append(image_boxes[kept[: self.post_nms_top_n[mode]]])
-        return proposals
+        boxes = torch.stack(
+            [clip_boxes_to_image(b, size) for b, size in zip(boxes, image_sizes, strict=True)]
+        )
+        candidate = nonsmall_box_mask(boxes.reshape(-1, 4), self.min_size).view_as(scores) & (
+            scores >= self.score_thresh
+        )
+        # One NMS over the batch: a class per (image, level), the filtered-out boxes padding.
+        groups = rows * len(level_counts) + levels[None, :]
+        keep = ops.nms_keep_mask(
+            boxes.reshape(-1, 4),
+            scores.reshape(-1),
+            self.nms_thresh,
+            torch.where(candidate, groups, -1).reshape(-1),
+        ).view_as(scores)
+        order, valid = top_kept(scores, keep, self.post_nms_top_n[mode])
+        return Proposals(boxes.gather(1, order[..., None].expand(-1, -1, 4)), valid)
 
     def _losses(
         self, objectness: Tensor, deltas: Tensor, anchors: Tensor, targets: list[dict[str, Tensor]]
     ) -> dict[str, Tensor]:
-        num_anchors = anchors.shape[0]
-        pos_idx, neg_idx, pos_targets = [], [], []
-        for image, target in enumerate(targets):
+        # Fixed sizes throughout: the sampler gives [N, S] anchor indices with masks.
+        matches = torch.stack([self.matcher(t["boxes"], anchors) for t in targets])  # [N, A]
+        # 1: object, 0: background, -1: ignored (between the IoU thresholds).
+        labels = (matches >= 0).to(torch.int64).masked_fill(matches == -2, -1)
+        index, positive, valid = self.sampler(labels)  # [N, S]
+        matched_boxes = []
+        for target, image_matches, image_index in zip(targets, matches, index, strict=True):
             gt_boxes = target["boxes"]
-            matches = self.matcher(gt_boxes, anchors)
-            # 1: object, 0: background, -1: ignored (between the IoU thresholds).
-            labels = (matches >= 0).to(torch.int64)
-            labels[matches == -2] = -1
-            pos, neg = self.sampler(labels)
-            pos_targets.append(self.box_coder.encode(gt_boxes[matches[pos]], anchors[pos]))
-            pos_idx.append(pos + image * num_anchors)
-            neg_idx.append(neg + image * num_anchors)
-        pos = torch.cat(pos_idx)
-        sampled = torch.cat([pos, torch.cat(neg_idx)])
-        flat_objectness = objectness.reshape(-1)
-        sampled_logits = flat_objectness[sampled]
-        sampled_labels = torch.zeros_like(sampled_logits)
-        sampled_labels[: pos.numel()] = 1.0
-        box_loss = box_regression_loss(
-            deltas.reshape(-1, 4)[pos], torch.cat(pos_targets), self.box_loss, self.smooth_l1_beta
-        ) / max(1, sampled.numel())
+            if gt_boxes.shape[0] == 0:  # nothing positive: any finite target does
+                matched_boxes.append(anchors[image_index].to(deltas.dtype))
+            else:
+                matched_boxes.append(gt_boxes[image_matches[image_index].clamp(min=0)])
+        sampled_anchors = anchors[index.reshape(-1)]
+        box_targets = self.box_coder.encode(torch.cat(matched_boxes), sampled_anchors)
+        box_targets = torch.where(positive.reshape(-1, 1), box_targets, 0.0)
+        sampled_deltas = deltas.gather(1, index[..., None].expand(-1, -1, 4)).reshape(-1, 4)
+        sampled_deltas = torch.where(positive.reshape(-1, 1), sampled_deltas, box_targets)
+        num_sampled = valid.sum().clamp(min=1)  # a device tensor: no host read
+        box_loss = (
+            box_regression_loss(sampled_deltas, box_targets, self.box_loss, self.smooth_l1_beta)
+            / num_sampled
+        )
+        sampled_logits = objectness.gather(1, index)
+        sampled_labels = positive.to(sampled_logits.dtype)
         if self.objectness_loss == "focal":
             # Normalised by the positives of the whole global batch (averaged over ranks), so
             # the gradient does not depend on how the batch is split across processes.
-            num_pos = average_across_ranks(pos.numel())
+            num_pos = average_across_ranks(positive.sum().to(sampled_logits.dtype))
             objectness_loss = sigmoid_focal_loss(
-                sampled_logits, sampled_labels, self.focal_alpha, self.focal_gamma, "sum"
-            ) / max(1.0, num_pos)
+                torch.where(valid, sampled_logits, PADDING_LOGIT),
+                sampled_labels,
+                self.focal_alpha,
+                self.focal_gamma,
+                "sum",
+            ) / num_pos.clamp(min=1.0)
         else:
-            objectness_loss = F.binary_cross_entropy_with_logits(sampled_logits, sampled_labels)
-        if sampled.numel() == 0:  # keep the graph connected and the loss finite
-            objectness_loss = flat_objectness.sum() * 0.0
+            bce = F.binary_cross_entropy_with_logits(
+                sampled_logits, sampled_labels, reduction="none"
+            )
+            objectness_loss = masked_mean(bce, valid)
         return {"loss_objectness": objectness_loss, "loss_rpn_box_reg": box_loss}

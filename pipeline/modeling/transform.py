@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .masks import paste_masks_in_image
+from .masks import paste_masks_in_image, paste_sizes
 
 
 def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
@@ -27,12 +27,10 @@ def resized_shape(height: int, width: int, min_size: int, max_size: int) -> tupl
 
 
 def resize_boxes(boxes: Tensor, original_size: Sequence[int], new_size: Sequence[int]) -> Tensor:
-    ratio_h = torch.tensor(new_size[0], dtype=torch.float32, device=boxes.device) / torch.tensor(
-        original_size[0], dtype=torch.float32, device=boxes.device
-    )
-    ratio_w = torch.tensor(new_size[1], dtype=torch.float32, device=boxes.device) / torch.tensor(
-        original_size[1], dtype=torch.float32, device=boxes.device
-    )
+    # The ratios in float32 as torchvision computes them, but as host scalars: copying them to
+    # the device would make a GPU run wait (a 0-dim host tensor goes to a kernel as a scalar).
+    ratio_h = torch.tensor(float(new_size[0])) / torch.tensor(float(original_size[0]))
+    ratio_w = torch.tensor(float(new_size[1])) / torch.tensor(float(original_size[1]))
     x1, y1, x2, y2 = boxes.unbind(1)
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
 
@@ -150,9 +148,23 @@ class ImagePreprocessor(nn.Module):
         original_sizes: list[tuple[int, int]],
     ) -> list[dict[str, Tensor]]:
         """Boxes rescaled to the original images, masks pasted into them ([N, 1, H, W])."""
+        plans = []
         for detection, size, original in zip(detections, image_sizes, original_sizes, strict=True):
             boxes = resize_boxes(detection["boxes"], size, original)
             detection["boxes"] = boxes
             if "masks" in detection:
-                detection["masks"] = paste_masks_in_image(detection["masks"], boxes, original)
+                plans.append(paste_sizes(detection["masks"], boxes, original)[1])
+        # One host read for the whole batch: the crop sizes of every detection's mask.
+        sizes = torch.cat(plans).tolist() if plans else []
+        start = 0
+        for detection, original in zip(detections, original_sizes, strict=True):
+            if "masks" in detection:
+                count = detection["masks"].shape[0]
+                detection["masks"] = paste_masks_in_image(
+                    detection["masks"],
+                    detection["boxes"],
+                    original,
+                    sizes=sizes[start : start + count],
+                )
+                start += count
         return detections
