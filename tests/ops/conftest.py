@@ -1,7 +1,14 @@
 """Shared fixtures of the ops tests: the device parametrisation and seeded generators."""
 
+import os
+
 import pytest
 import torch
+
+# The CUDA poolers' precise RoI-index check (an error naming the RoI) instead of the default
+# device-side assert, which would leave the test process's CUDA context unusable: the
+# robustness tests check those errors. Read once, at the first CUDA pooler call.
+os.environ.setdefault("MASKRCNN_OPS_SYNC_CHECKS", "1")
 
 DEVICES = [
     "cpu",
