@@ -52,15 +52,32 @@ def mean_across_ranks(value: float) -> float:
     return sum_across_ranks([value])[0] / world_size()
 
 
+def _device_tensor_place(tensor: torch.Tensor) -> torch.device:
+    """Where a collective on ``tensor`` runs: in place on its CUDA device when NCCL serves it
+    (queued like a kernel, so the host does not wait), else where :func:`_tensor_device`
+    says."""
+    if tensor.device.type == "cuda" and "nccl" in str(dist.get_backend()):
+        return tensor.device
+    return _tensor_device()
+
+
 def mean_tensor_across_ranks(value: torch.Tensor) -> torch.Tensor:
-    """``value`` (a tensor) averaged over the ranks, as a tensor: no host read (on NCCL the
-    all-reduce is queued on the device like any kernel)."""
+    """``value`` (a tensor) averaged over the ranks, as a tensor on its device: no host read."""
     if world_size() == 1:
         return value
-    device = _tensor_device()
-    tensor = value.to(device, torch.float64, non_blocking=True, copy=True)
+    tensor = value.to(_device_tensor_place(value), torch.float64, non_blocking=True, copy=True)
     dist.all_reduce(tensor)
     return (tensor / world_size()).to(value.device, value.dtype, non_blocking=True)
+
+
+def any_rank_tensor(flag: torch.Tensor) -> torch.Tensor:
+    """Element-wise OR of a boolean tensor over the ranks, as a boolean tensor on its device
+    (one tiny all-reduce; the caller reads it when it must)."""
+    if world_size() == 1:
+        return flag
+    tensor = flag.to(_device_tensor_place(flag), torch.float32, non_blocking=True, copy=True)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.to(flag.device, non_blocking=True) > 0
 
 
 def any_rank(flags: list[bool]) -> list[bool]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.collectives import all_gather_objects, any_rank, barrier
+from pipeline.collectives import all_gather_objects, any_rank, any_rank_tensor, barrier
 from pipeline.config import config_to_dict, dump_config, save_config
 from pipeline.data import build_train_loader
 from pipeline.distributed import DistInfo, device_for, init_distributed, shutdown_distributed
@@ -254,8 +254,9 @@ def _train(cfg, info: DistInfo, tracker) -> int:
                 batchnorm.keep()
                 losses = strategy.forward(images, targets)
                 loss = sum(losses.values())
-                (loss_nonfinite,) = any_rank([not bool(torch.isfinite(loss))])
-                if loss_nonfinite:
+                # The flag is made and reduced on the device; reading it is the micro-batch's
+                # one host read (the losses are read only on logging steps, by the meter).
+                if bool(any_rank_tensor(~torch.isfinite(loss.detach()))):
                     batchnorm.restore()  # on every rank: the batch is skipped everywhere
                     values = {k: round(float(v.detach()), 4) for k, v in losses.items()}
                     nonfinite.add_loss(step + 1, values, log_it=info.is_main)

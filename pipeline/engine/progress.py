@@ -2,7 +2,7 @@
 to MLflow, ``metrics.jsonl`` in the run directory, and the loss-curve picture.
 
 Losses are averaged over the interval and over the ranks (one all-reduce per log line, not
-per step). Images/s counts the global batch. The data-wait share is the part of rank 0's
+per step); they are summed on their device and read by the host on logging steps only. Images/s counts the global batch. The data-wait share is the part of rank 0's
 wall time spent waiting for the loader: near 0 means the model is the bottleneck.
 """
 
@@ -41,7 +41,9 @@ class ProgressMeter:
         self._reset()
 
     def _reset(self):
-        self.sums: dict[str, float] = {}
+        # Sums kept on the losses' device: a micro-batch adds without a host read; report()
+        # reads them all at once, on logging steps only.
+        self.sums: dict[str, torch.Tensor] = {}
         self.micro_batches = 0
         self.steps = 0
         self.data_wait = 0.0
@@ -49,7 +51,8 @@ class ProgressMeter:
 
     def add_losses(self, losses: dict[str, torch.Tensor]) -> None:
         for name, value in losses.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(value.detach())
+            value = value.detach().to(torch.float64)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.micro_batches += 1
 
     def add_data_wait(self, seconds: float) -> None:
@@ -61,7 +64,8 @@ class ProgressMeter:
     def report(self, step: int, lr: float, grad_norm: float) -> tuple[str, dict[str, float]]:
         """(the progress line, the metrics), averaged over ranks; resets the interval."""
         names = sorted(self.sums)
-        values = sum_across_ranks([self.sums[n] for n in names] + [self.micro_batches])
+        sums = torch.stack([self.sums[n] for n in names]).tolist() if names else []
+        values = sum_across_ranks(sums + [self.micro_batches])
         count = max(1.0, values[-1])
         losses = {name: float(values[i]) / count for i, name in enumerate(names)}
         elapsed = max(1e-9, time.perf_counter() - self.started)
