@@ -343,11 +343,12 @@ class RoIHeads(nn.Module):
             torch.cat(positive),
             torch.cat(mask_targets),
         )
-        # Padding measured (benchmarks/model.py, R50-FPN training at 2 images, 2026-12-06): the
-        # mask head is the costliest per-RoI part of a CPU step, and the padded slots (128 an
-        # image against the typical tens of positives) cost more than one host read of their
-        # count saves, so the positives are compacted after that one read (one sync per step,
-        # whatever the batch). Set ``pad_mask_positives`` for the read-free padded form.
+        # Padding measured (2026-12-06, R50-FPN from benchmarks/syncs.py's models, 2 images of
+        # 512x512, one CPU thread, training step forward and backward): the mask head ran on 6
+        # positives compacted against 256 padded slots (128 an image), 25 s against 59 s a step.
+        # The mask head is the costliest per-RoI part of a CPU step, so the positives are
+        # compacted after one host read of their count (one sync a step, whatever the batch).
+        # ``pad_mask_positives = True`` gives the read-free padded form (e.g. for CUDA graphs).
         if not self.pad_mask_positives:
             count = int(positive_t.sum())  # the one host read of a training step
             index = compact(positive_t[None], count)[0][0]
