@@ -2,8 +2,9 @@
 to MLflow, ``metrics.jsonl`` in the run directory, and the loss-curve picture.
 
 Losses are averaged over the interval and over the ranks (one all-reduce per log line, not
-per step); they are summed on their device and read by the host on logging steps only. Images/s counts the global batch. The data-wait share is the part of rank 0's
-wall time spent waiting for the loader: near 0 means the model is the bottleneck.
+per step); they are summed on their device and read by the host on logging steps only.
+Images/s counts the global batch. The data-wait share is the part of rank 0's wall time spent
+waiting for the loader: near 0 means the model is the bottleneck.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class ProgressMeter:
         """(the progress line, the metrics), averaged over ranks; resets the interval."""
         names = sorted(self.sums)
         sums = torch.stack([self.sums[n] for n in names]).tolist() if names else []
-        values = sum_across_ranks(sums + [self.micro_batches])
+        values = sum_across_ranks([*sums, self.micro_batches])
         count = max(1.0, values[-1])
         losses = {name: float(values[i]) / count for i, name in enumerate(names)}
         elapsed = max(1e-9, time.perf_counter() - self.started)

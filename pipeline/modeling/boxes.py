@@ -172,8 +172,9 @@ class ProposalMatcher:
             best = best_iou_per_gt[:, None]
             low_quality = torch.cat(
                 [
-                    ((ious[0] if ious else box_iou(gt_boxes, candidates[s : s + chunk])) == best)
-                    .any(dim=0)
+                    (
+                        (ious[0] if ious else box_iou(gt_boxes, candidates[s : s + chunk])) == best
+                    ).any(dim=0)
                     for s in starts
                 ]
             )

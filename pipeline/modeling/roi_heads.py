@@ -424,7 +424,9 @@ class RoIHeads(nn.Module):
         detections = []
         for i, count in enumerate(counts):
             o = order[i, :count]
-            detections.append({"boxes": boxes[i, o], "scores": scores[i, o], "labels": labels[i, o]})
+            detections.append(
+                {"boxes": boxes[i, o], "scores": scores[i, o], "labels": labels[i, o]}
+            )
         mask_rois = rois_from_boxes([d["boxes"] for d in detections])
         mask_logits = self.mask_head(self._pool(features, mask_rois, 14)).float()
         mask_probs = torch.sigmoid(

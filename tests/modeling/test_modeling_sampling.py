@@ -54,7 +54,7 @@ def test_rows_are_images():
     sampler = BalancedSampler(16, 0.5)
     sampler.generator = torch.Generator().manual_seed(2)
     labels = torch.stack([make_labels(20, 30, 5, seed=0), make_labels(2, 40, 13, seed=1)])
-    index, positive, valid = sample(sampler, labels)
+    _index, positive, valid = sample(sampler, labels)
     assert positive.sum(1).tolist() == [8, 2]
     assert valid.sum(1).tolist() == [16, 16]
 
