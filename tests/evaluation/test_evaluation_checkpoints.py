@@ -94,7 +94,7 @@ def test_missing_and_incompatible_checkpoints_fail_in_one_line(tmp_path, checkpo
     torch.save({**checkpoint, "model": state}, damaged)
     manifest = SimpleNamespace(num_classes=4, root="shards")  # 3 categories + background
     cases = [
-        (wrong_classes, "num_classes=91, data.val_shards (shards) needs 4"),
+        (wrong_classes, "shape (6): roi_heads.box_predictor.cls_score.weight (4, 64) vs (91, 64)"),
         (damaged, "missing (1): roi_heads.box_predictor.cls_score.bias"),
         (damaged, "shape (1): rpn.head.conv.weight (1, 32, 3, 3) vs (32, 32, 3, 3)"),
     ]
