@@ -18,6 +18,7 @@ from evaluation_helpers import (
     deepspeed_layout_by_hand,
     eval_config,
     first_shard_only,
+    one_line,
     publish_checkpoint,
     real_deepspeed_checkpoint,
     tiny_model,
@@ -35,12 +36,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning"),
 ]
-
-
-def one_line(error: pytest.ExceptionInfo) -> str:
-    message = str(error.value)
-    assert "\n" not in message
-    return message
 
 
 def test_the_forms_of_a_checkpoint_path(tmp_path, checkpoint_file):

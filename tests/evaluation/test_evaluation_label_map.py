@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from evaluation_helpers import REPO
+from evaluation_helpers import REPO, one_line
 
 from pipeline.config import load_config
 from pipeline.data import build_val_loader, read_manifest
@@ -43,12 +43,6 @@ def coco_named_shards(root: Path, mapping: dict, images: int = 6) -> Path:
     out = root / "shards"
     build_shards(path, root / "images" / "val", out, shard_size=4, progress=False)
     return out
-
-
-def one_line(error) -> str:
-    message = str(error.value)
-    assert "\n" not in message, message
-    return message
 
 
 def convert(raw: Path, out: Path) -> Path:
