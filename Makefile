@@ -71,7 +71,8 @@ demo: install
 	$(TORCHRUN) launch/evaluate.py --config $(DEMO_CONFIG) --checkpoint $(DEMO_OUT)/train \
 		--out $(DEMO_OUT)/eval $(DEMO_DATA_KEYS)
 	@echo ""
-	@echo "Metrics:   $(DEMO_OUT)/eval/metrics.json"
+	@echo "Metrics:   $(DEMO_OUT)/eval/metrics.json; in MLflow, in the training run:" \
+		"$$($(PY) -c 'from pipeline.data import read_manifest as r; print(r("$(DEMO_DATA)/shards/val").name)')/segm/AP, ..."
 	@echo "Pictures:  $(DEMO_OUT)/eval/pictures/"
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri $(DEMO_MLFLOW)"
 	@echo "Compare:   $(PY) launch/compare.py --uri $(DEMO_MLFLOW) --experiment maskrcnn --filter \"tags.stage = 'train'\""

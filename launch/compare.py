@@ -1,8 +1,13 @@
 """Compare MLflow runs: the params that differ, the final metrics side by side, and a PNG of
 chosen metrics against the step for all the runs.
 
-    python launch/compare.py RUN_ID RUN_ID ... [--metrics loss/total,eval/segm/AP]
+    python launch/compare.py RUN_ID RUN_ID ... [--metrics 'loss/total,*/segm/AP']
     python launch/compare.py --experiment maskrcnn --filter "params.train.lr = '0.02'"
+
+The evaluation's metrics are keyed by dataset (shapes_val/segm/AP, coco_val2017/segm/AP); a
+metric may be a pattern, ``*`` standing for any characters: each metric it matches is a row of
+the table (one column per run) and a curve per run in the pattern's panel. By default the
+table has every dataset's bbox and segm AP and the plot loss/total and */segm/AP.
 
 Params are strings to MLflow: quote their values in a filter. The tracking URI is --uri, else
 MLFLOW_TRACKING_URI. Exit code 2: no such runs, a bad filter or metric name (one line).
@@ -25,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-runs", type=int, default=20, help="at most this many runs")
     parser.add_argument("--uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""),
                         help="MLflow tracking URI")  # fmt: skip
-    parser.add_argument("--metrics", help="comma-separated metrics to plot against the step "
-                        f"(default: {','.join(DEFAULT_METRICS)})")  # fmt: skip
+    parser.add_argument("--metrics", help="comma-separated metrics or * patterns to plot "
+                        f"against the step (default: {','.join(DEFAULT_METRICS)})")  # fmt: skip
     parser.add_argument("--all-metrics", action="store_true", help="table every final metric")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"PNG of the curves ({DEFAULT_OUT})")
     return parser
@@ -44,7 +49,7 @@ def main(argv=None) -> int:
     if args.filter and not args.experiment:
         parser.error("--filter goes with --experiment")  # not silently ignored with run ids
     # Names given are checked against the runs' metrics; the defaults are not (a training
-    # run without an evaluation has no eval/segm/AP, and its panel says so).
+    # run without an evaluation has no */segm/AP, and its panel says so).
     metrics = None
     if args.metrics is not None:
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]

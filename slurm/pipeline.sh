@@ -3,13 +3,17 @@
 # training, then evaluation, chained with --dependency=afterok. Prints the job ids and the
 # MLflow run to look at. Run it on a login node from anywhere:
 #
-#   GPUS_PER_NODE=8 NODES=4 PARTITION=gpu slurm/pipeline.sh --config configs/coco_r50_fpn_1x.yaml
+#   GPUS_PER_NODE=8 NODES=4 PARTITION=gpu \
+#   TRAIN_ANNOTATIONS=data/coco/annotations/instances_train2017.json TRAIN_IMAGES=data/coco/train2017 \
+#   VAL_ANNOTATIONS=data/coco/annotations/instances_val2017.json VAL_IMAGES=data/coco/val2017 \
+#       slurm/pipeline.sh --config configs/coco_r50_fpn_1x.yaml
 #   GPUS_PER_NODE=0 NPROC_PER_NODE=2 slurm/pipeline.sh --config configs/tiny.yaml train.max_steps=20
 #   slurm/pipeline.sh --dry-run --config ...     # print the sbatch commands, submit nothing
 #
 # Every setting is an environment variable; slurm/README.md lists them. The config (and its
-# key=value overrides) gives the data (data.root with annotations/ and images/, data.*_shards),
-# the output directory and the MLflow experiment.
+# key=value overrides) gives the shards (data.*_shards), the output directory and the MLflow
+# experiment; the sources default to data.root's annotations/instances_{train,val}.json and
+# images/{train,val} (make_shapes' layout): set TRAIN_/VAL_ANNOTATIONS and _IMAGES for others.
 set -euo pipefail
 
 REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
@@ -22,7 +26,7 @@ CONFIG_ARGS=()
 for arg in "$@"; do
     case $arg in
         --dry-run) DRY_RUN=1 ;;
-        -h | --help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) CONFIG_ARGS+=("$arg") ;;
     esac
 done

@@ -38,7 +38,9 @@ def test_make_demo_runs_the_whole_pipeline(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.data.tags["stage"] == "train" and run.data.tags["world_size"] == "2"
-    assert "eval/segm/AP" in run.data.metrics  # the evaluation went into the training run
+    # the evaluation went into the training run, keyed by the val shards' name
+    assert metrics["dataset"] == "shapes_val" and "shapes_val/segm/AP" in run.data.metrics
+    assert "shapes_val/segm/AP, ..." in result.stdout  # the demo says where to look
 
 
 def test_make_clean_also_forgets_the_install(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import types
 import typing
 
 from .loader import ConfigError, _hints, field_docs, load_config
@@ -129,7 +130,10 @@ def _type_name(hint: typing.Any) -> str:
     """int, float, list[int], ... or the choices of a Literal, as they are written in YAML."""
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
-        return "one of " + ", ".join(f"`{_yaml_value(c)}`" for c in typing.get_args(hint))
+        choices = [f"`{_yaml_value(c)}`" for c in typing.get_args(hint)]
+        return choices[0] if len(choices) == 1 else "one of " + ", ".join(choices)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(hint))
     if origin is not None:
         args = ", ".join(_type_name(arg) for arg in typing.get_args(hint))
         return f"{origin.__name__}[{args}]"

@@ -274,7 +274,7 @@ def _coerce(value: Any, hint: Any, key: str, sources: dict[str, str]) -> Any:
                 return _coerce(value, option, key, sources)
             except ConfigError:
                 pass
-        fail(" or ".join(str(a.__name__) for a in typing.get_args(hint)))
+        fail(" or ".join(_expected(option) for option in typing.get_args(hint)))
     if hint is bool:
         if not isinstance(value, bool):
             fail("true or false")
@@ -309,7 +309,9 @@ _MINIMUMS = {
     "train.grad_accum_steps": 1,
     "train.reference_batch_size": 1,
     "eval.batch_size": 1,
+    "model.num_classes": 2,  # or "auto"
 }
+_MINIMUM_HINTS = {"model.num_classes": " (categories + background) or auto"}
 
 
 def _check_minimums(cfg: Config, sources: dict[str, str]):
@@ -317,9 +319,19 @@ def _check_minimums(cfg: Config, sources: dict[str, str]):
         value: Any = cfg
         for part in key.split("."):
             value = getattr(value, part)
-        if value < minimum:
+        if isinstance(value, int) and value < minimum:
             source = sources.get(key, CLI_SOURCE)
-            raise ConfigError(f"{source}: {key} must be >= {minimum}, got {value}")
+            hint = _MINIMUM_HINTS.get(key, "")
+            raise ConfigError(f"{source}: {key} must be >= {minimum}{hint}, got {value}")
+
+
+def _expected(hint: Any) -> str:
+    """What a value of ``hint`` is, for an error message: 'an integer', "'auto'"."""
+    if typing.get_origin(hint) is typing.Literal:
+        return " or ".join(repr(c) for c in typing.get_args(hint))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
 
 
 def _first_source(sources: dict[str, str], prefix: str) -> str:

@@ -131,8 +131,10 @@ class InputConfig:
 
 @dataclass
 class ModelConfig:
-    num_classes: int = 4
-    """Number of classes including the background (class 0). Shapes: 3 + 1."""
+    num_classes: int | Literal["auto"] = "auto"
+    """Number of classes including the background (class 0). auto: the training shards'
+    categories + 1, read from their manifest (data.train_shards/index.json) when training
+    starts; a number must equal that count (else the run stops before its first step)."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     """The ResNet + FPN backbone."""
     anchors: AnchorConfig = field(default_factory=AnchorConfig)

@@ -10,7 +10,9 @@ Layout of ``out_dir``:
   complete: sample count, sha256, size, the images skipped and the annotations dropped, and
   a fingerprint of what the shard was built from (annotation file sha256, shard size).
 - ``index.json``: the manifest the loader reads (shards with counts and sha256, category
-  table, source file name and sha256, total) and ``skipped.json``: everything left out.
+  table, source file name and sha256, total, the dataset's ``name``: given, else
+  :func:`~pipeline.data.manifest.dataset_name` of the annotation file, e.g. ``shapes_val``)
+  and ``skipped.json``: everything left out.
 
 Images are sorted by id and cut into shards of ``shard_size`` by position, BEFORE any image
 is read, so a shard's content never depends on the worker count or on which Slurm task
@@ -41,6 +43,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from .coco import CocoSource, load_coco, segmentation_to_rle
+from .manifest import dataset_name, safe_name
 
 FORMAT_VERSION = "maskrcnn-shards/1"
 INDEX_NAME = "index.json"
@@ -290,9 +293,11 @@ def build_shards(
     num_shard_jobs: int = 1,
     merge: bool = True,
     progress: bool = True,
+    name: str | None = None,
 ) -> BuildSummary:
     """Build the shards s with ``s % num_shard_jobs == shard_index`` (all by default) that
-    are not already complete, then, if ``merge``, write index.json and skipped.json.
+    are not already complete, then, if ``merge``, write index.json and skipped.json (with
+    the dataset's ``name``, made safe; default: derived from the annotation file's path).
     Raises CocoFormatError for an invalid annotation file."""
     if shard_size < 1 or workers < 1 or not 0 <= shard_index < num_shard_jobs:
         raise ValueError("need shard_size >= 1, workers >= 1, 0 <= shard_index < num_shard_jobs")
@@ -332,15 +337,17 @@ def build_shards(
         summary.skipped_images += len(sidecar["skipped_images"])
         summary.dropped_annotations += len(sidecar["dropped_annotations"])
     if merge:
-        summary.index = merge_shards(source, out_dir, shard_size)
+        summary.index = merge_shards(source, out_dir, shard_size, name=name)
         summary.skipped_images = summary.index["skipped_images"]
         summary.dropped_annotations = summary.index["dropped_annotations"]
     return summary
 
 
-def merge_only(annotations: str | Path, out_dir: str | Path, *, shard_size: int = 1000) -> dict:
+def merge_only(
+    annotations: str | Path, out_dir: str | Path, *, shard_size: int = 1000, name: str | None = None
+) -> dict:
     """The last step of a Slurm array: check every shard and write index.json."""
-    return merge_shards(load_coco(annotations), Path(out_dir), shard_size)
+    return merge_shards(load_coco(annotations), Path(out_dir), shard_size, name=name)
 
 
 def run_tasks(tasks: list[ShardTask], workers: int):
@@ -362,7 +369,9 @@ class IncompleteShards(RuntimeError):
     """Merging found shards missing or not matching the annotation file."""
 
 
-def merge_shards(source: CocoSource, out_dir: Path, shard_size: int) -> dict:
+def merge_shards(
+    source: CocoSource, out_dir: Path, shard_size: int, name: str | None = None
+) -> dict:
     """Check that every shard is complete and write index.json and skipped.json."""
     count = len(shard_tasks(source, "", out_dir, shard_size))
     shards, skipped_images, dropped = [], [], list(source.problems)
@@ -393,6 +402,7 @@ def merge_shards(source: CocoSource, out_dir: Path, shard_size: int) -> dict:
         )
     index = {
         "format": FORMAT_VERSION,
+        "name": safe_name(name or "") or dataset_name(source.path),
         "source": {"file": source.path.name, "sha256": source.sha256},
         "shard_size": shard_size,
         "categories": source.categories,

@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 
 from pipeline.collectives import all_gather_objects, any_rank, any_rank_tensor, barrier
-from pipeline.config import config_to_dict, dump_config, save_config
-from pipeline.data import build_train_loader
+from pipeline.config import ConfigError, config_to_dict, dump_config, save_config
+from pipeline.data import build_train_loader, read_manifest
 from pipeline.distributed import DistInfo, device_for, init_distributed, shutdown_distributed
 from pipeline.modeling import build_model
+from pipeline.modeling.label_map import LABEL_MAP_KEY, LabelMap
 from pipeline.modeling.weights import load_init_weights, load_strict_state
 from pipeline.rundir import DEEPSPEED_MODEL_FILE
 from pipeline.tracking import build_tracker
@@ -72,9 +73,27 @@ def to_device(images, targets, device: torch.device):
     return images, targets
 
 
-def run_tags(cfg, info: DistInfo, schedule) -> dict[str, str]:
+def resolve_classes(cfg) -> tuple[int, list[dict]]:
+    """The model's class count (the training shards' categories + background) and what each
+    output means (the label map its checkpoints carry), from the shards' manifest.
+    ``model.num_classes`` must be ``auto`` or that count (a ConfigError naming both
+    otherwise: a run on the wrong shards stops here, not at its evaluation)."""
+    manifest = read_manifest(cfg.data.train_shards)
+    found = manifest.num_classes
+    given = cfg.model.num_classes
+    if given != "auto" and given != found:
+        raise ConfigError(
+            f"model.num_classes={given} but data.train_shards ({cfg.data.train_shards}) has "
+            f"{found - 1} categories + background = {found} classes; set "
+            f"model.num_classes=auto or {found}"
+        )
+    return found, LabelMap.from_categories(manifest.categories, found).to_json()
+
+
+def run_tags(cfg, info: DistInfo, schedule, num_classes: int) -> dict[str, str]:
     hosts = sorted(set(all_gather_objects(socket.gethostname())))
     return {
+        "num_classes": str(num_classes),  # model.num_classes resolved (config.yaml may say auto)
         "world_size": str(info.world_size),
         # From the launcher's layout, not the host names: containers and network
         # namespaces can give several nodes one name.
@@ -109,18 +128,21 @@ def resume_position(state: dict, global_batch: int, *, scaled: bool) -> tuple[in
 def train(cfg) -> int:
     info = init_distributed(cfg.distributed.backend, cfg.distributed.timeout_s)
     try:
+        # Before anything is made (run directory, MLflow run): shards that do not fit the
+        # config stop the run with one line.
+        num_classes, label_map = resolve_classes(cfg)
         # Rank 0's MLflow run ends FAILED if _train raises (it ends it FINISHED, or KILLED
         # when preempted); the tracker sends what it spooled as soon as a server answers.
         # A resumed or requeued job continues the run; train.resume=never starts a new one.
         tracker = build_tracker(cfg, stage="train", run_dir=cfg.train.output_dir,
                                 rank=info.rank, resume=cfg.train.resume != "never")  # fmt: skip
         with tracker:
-            return _train(cfg, info, tracker)
+            return _train(cfg, info, tracker, num_classes, label_map)
     finally:
         shutdown_distributed()
 
 
-def _train(cfg, info: DistInfo, tracker) -> int:
+def _train(cfg, info: DistInfo, tracker, num_classes: int, label_map: list[dict]) -> int:
     device = device_for(info)
     t = cfg.train
     out = Path(t.output_dir)
@@ -134,13 +156,15 @@ def _train(cfg, info: DistInfo, tracker) -> int:
 
     # --- the model, its initial weights, the optimizer, the data, the strategy ----------------
     torch.manual_seed(t.seed)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg, num_classes=num_classes).to(device)
     if cfg.model.backbone.norm == "sync_bn" and info.world_size > 1:
         model = convert_sync_batchnorm(model, device)
     resume_from = find_resume(t.resume, out)
     if resume_from is None and t.init_from:
         try:
-            report = load_init_weights(model, t.init_from)
+            # The predictor rows of the categories the file shares with the shards are kept.
+            categories = LabelMap.from_json(label_map, num_classes, str(cfg.data.train_shards))
+            report = load_init_weights(model, t.init_from, label_map=categories)
         except (ValueError, OSError) as error:
             raise CheckpointError(f"train.init_from={t.init_from}: {error}") from error
         if info.is_main:
@@ -182,7 +206,7 @@ def _train(cfg, info: DistInfo, tracker) -> int:
             truncate_metrics(out, saved_step)
 
     # --- tracking (rank 0 only; never blocks the loop) -----------------------------------------
-    tags = run_tags(cfg, info, schedule)
+    tags = run_tags(cfg, info, schedule, num_classes)
     saved_run = (tracking_state or {}).get("run_id")
     if saved_run and tracker.run_id and tracker.run_id != saved_run:
         log.warning(
@@ -195,12 +219,13 @@ def _train(cfg, info: DistInfo, tracker) -> int:
     tracker.set_tags(tags)
     if info.is_main:
         log.info(
-            "training %s on %d process(es) (%s nodes, %s) from step %d: %s",
+            "training %s on %d process(es) (%s nodes, %s) from step %d, %d classes: %s",
             cfg.distributed.strategy,
             info.world_size,
             tags["num_nodes"],
             device,
             step,
+            num_classes,
             schedule.describe(),
         )
 
@@ -213,6 +238,7 @@ def _train(cfg, info: DistInfo, tracker) -> int:
             "rng": rng_state(),
             "config": dump_config(cfg),
             "model_args": dict(strategy.module.model_args),
+            LABEL_MAP_KEY: label_map,  # output index -> the train shards' category id, name
             "world_size": info.world_size,
             "global_batch": schedule.global_batch,
             "images_seen": images_seen,

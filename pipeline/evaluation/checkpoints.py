@@ -30,6 +30,13 @@ from torch import Tensor
 from torch.serialization import get_unsafe_globals_in_checkpoint
 
 from pipeline.modeling import MaskRCNN
+from pipeline.modeling.label_map import (
+    LABEL_MAP_KEY,
+    LabelMap,
+    LabelMapError,
+    match_categories,
+    missing_names,
+)
 from pipeline.rundir import DEEPSPEED_MODEL_FILE, CheckpointError, entry_step, resolve_entry
 
 __all__ = [
@@ -38,6 +45,7 @@ __all__ = [
     "CheckpointError",
     "LoadedCheckpoint",
     "build_eval_model",
+    "dataset_labels",
     "load_checkpoint",
     "load_exact",
     "resolve_checkpoint",
@@ -66,6 +74,9 @@ class LoadedCheckpoint:
     """``{"run_id", "uri"}`` of the training run's MLflow run, when recorded."""
     source: str = "pipeline"
     """pipeline, deepspeed or torchvision."""
+    label_map: LabelMap | None = None
+    """What the model's outputs mean (recorded by training and by the torchvision
+    conversion; a raw torchvision state dict of 91 outputs is COCO's); None if unknown."""
 
     @property
     def name(self) -> str:
@@ -141,6 +152,7 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     step = data.get("step")
     tracking = data.get("tracking") if isinstance(data.get("tracking"), Mapping) else {}
     return LoadedCheckpoint(
+        label_map=_label_map(data, model_args, source, resolved),
         path=resolved,
         state=state,
         model_args=dict(model_args) if isinstance(model_args, Mapping) else None,
@@ -151,11 +163,51 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
     )
 
 
+def _label_map(data: Mapping, model_args, source, path: Path) -> LabelMap | None:
+    num_classes = (model_args or {}).get("num_classes")
+    if data.get(LABEL_MAP_KEY) is not None and num_classes is not None:
+        try:
+            return LabelMap.from_json(data[LABEL_MAP_KEY], num_classes, f"checkpoint {path}")
+        except LabelMapError as error:
+            raise CheckpointError(str(error)) from None
+    coco = LabelMap.torchvision_coco()
+    if source == "torchvision" and num_classes == coco.num_classes:
+        return coco  # converted before checkpoints carried their map: torchvision's COCO model
+    return None
+
+
+def dataset_labels(
+    checkpoint: LoadedCheckpoint, num_classes: int, manifest, class_source: str
+) -> dict[int, int]:
+    """Model output index -> the dataset's contiguous index (``manifest``'s 1..K), for the
+    outputs that serve one of its categories: matched by category id and name through the
+    checkpoint's label map (see :func:`~pipeline.modeling.label_map.match_categories`).
+    A checkpoint without a map is taken to share the dataset's order when it has the same
+    class count. A model that leaves a dataset category unserved is refused in one line
+    naming what is missing (``class_source`` names the data)."""
+    where = f"checkpoint {checkpoint.path}"
+    if checkpoint.label_map is None:
+        if num_classes != manifest.num_classes:
+            raise CheckpointError(
+                f"{where}: the model has num_classes={num_classes} and records no label map, "
+                f"{class_source} needs {manifest.num_classes} ({manifest.num_classes - 1} "
+                "categories + background)"
+            )
+        return {i: i for i in range(1, num_classes)}
+    match = match_categories(checkpoint.label_map, manifest.categories)
+    if match.missing:
+        raise CheckpointError(
+            f"{where}: its categories do not cover {class_source}: {len(match.missing)} of "
+            f"{len(manifest.categories)} missing: {missing_names(match.missing)}; the model "
+            f"knows {checkpoint.label_map.describe()}"
+        )
+    to_index = manifest.coco_to_contiguous
+    return {index: to_index[cid] for index, cid in match.index_to_id.items()}
+
+
 def build_eval_model(
     checkpoint: LoadedCheckpoint,
     *,
-    num_classes: int,
-    class_source: str,
     inference_args: Mapping[str, Any],
     fallback_args: Mapping[str, Any] | None = None,
 ) -> MaskRCNN:
@@ -164,18 +216,13 @@ def build_eval_model(
     The architecture comes from the checkpoint's ``model_args`` (``fallback_args``, the
     config's, for a checkpoint that records none); ``inference_args`` (``INFERENCE_ARGS``:
     the test resize and memory format) override it, so that the model does not resize the
-    loader's images a second time. ``num_classes`` is what the data needs (``class_source``
-    names the data in the error)."""
+    loader's images a second time. Which outputs serve which of the data's categories is
+    :func:`dataset_labels`' business."""
     where = f"checkpoint {checkpoint.path}"
     args = checkpoint.model_args if checkpoint.model_args is not None else fallback_args
     if args is None:
         raise CheckpointError(f"{where}: records no model_args and no config gives them")
     args = dict(args)
-    if int(args.get("num_classes", -1)) != num_classes:
-        raise CheckpointError(
-            f"{where}: the model has num_classes={args.get('num_classes')}, {class_source} "
-            f"needs {num_classes} ({num_classes - 1} categories + background)"
-        )
     args.update({key: inference_args[key] for key in INFERENCE_ARGS if key in inference_args})
     try:
         model = MaskRCNN(**args)

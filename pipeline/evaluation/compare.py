@@ -1,18 +1,25 @@
 """Side-by-side comparison of MLflow runs: the params that differ, the final metrics, and a
-PNG of chosen metrics' curves against the step (``launch/compare.py``)."""
+PNG of chosen metrics' curves against the step (``launch/compare.py``).
+
+The evaluation keys its metrics by dataset (``shapes_val/segm/AP``, ``coco_val2017/segm/AP``),
+so a metric name may be a pattern where ``*`` stands for any characters (``*/segm/AP``: every
+dataset's mask AP); it becomes each metric the runs logged that it matches, one table row and
+one curve per run of each, in one panel per pattern.
+"""
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_METRICS = ("loss/total", "eval/segm/AP")
+DEFAULT_METRICS = ("loss/total", "*/segm/AP")
 # Under outputs/ (ignored by git), not in whatever folder compare.py is run from.
 DEFAULT_OUT = "outputs/compare.png"
 # Metrics of the final-values table, when the runs have them (all of them with --all).
-SUMMARY_PREFIXES = ("loss/total", "eval/bbox/AP", "eval/segm/AP", "eval/images_")
+SUMMARY_PATTERNS = ("loss/total", "*/bbox/AP", "*/segm/AP", "*/images_evaluated", "*/images_failed")
 # Params that differ between any two runs by nature, not by choice.
 IGNORED_PARAMS = ("tracking.run_name",)
 
@@ -78,11 +85,25 @@ def _first_line(error: Exception) -> str:
     return (text.strip().splitlines() or [type(error).__name__])[0]
 
 
-def check_metric_names(runs: Sequence[RunSummary], names: Sequence[str]):
-    """Refuse names that no run logged (a typo would plot an empty panel), listing those
-    that they did log."""
+def matches(pattern: str, key: str) -> bool:
+    """Whether ``key`` is ``pattern``, where ``*`` stands for any characters (no others are
+    special)."""
+    regex = ".*".join(re.escape(part) for part in pattern.split("*"))
+    return re.fullmatch(regex, key) is not None
+
+
+def expand_metrics(runs: Sequence[RunSummary], names: Sequence[str]) -> dict[str, list[str]]:
+    """{name: the metrics the runs logged that it matches, sorted} (an exact name: itself,
+    when logged)."""
     logged = sorted({key for run in runs for key in run.metrics})
-    unknown = [name for name in names if name not in logged]
+    return {name: [key for key in logged if matches(name, key)] for name in names}
+
+
+def check_metric_names(runs: Sequence[RunSummary], names: Sequence[str]):
+    """Refuse names (or patterns) that match no metric a run logged (a typo would plot an
+    empty panel), listing those that they did log."""
+    logged = sorted({key for run in runs for key in run.metrics})
+    unknown = [name for name, keys in expand_metrics(runs, names).items() if not keys]
     if unknown:
         raise CompareError(
             f"--metrics: {', '.join(unknown)}: logged by none of the runs; they logged: "
@@ -100,14 +121,16 @@ def differing_params(runs: Sequence[RunSummary]) -> dict[str, list[str | None]]:
 def final_metrics(
     runs: Sequence[RunSummary], names: Sequence[str] = (), everything: bool = False
 ) -> dict[str, list[float | None]]:
-    """The final value of each metric per run: ``names``, then the summary ones (or every
-    metric with ``everything``)."""
+    """The final value of each metric per run: those ``names`` (or patterns) match, then the
+    summary ones (or every metric with ``everything``)."""
     present = sorted({key for run in runs for key in run.metrics})
-    chosen = [n for n in names if n in present] + [
+    named = [key for keys in expand_metrics(runs, names).values() for key in keys]
+    summary = [
         key
         for key in present
-        if key not in names and (everything or key.startswith(SUMMARY_PREFIXES))
+        if everything or any(matches(pattern, key) for pattern in SUMMARY_PATTERNS)
     ]
+    chosen = list(dict.fromkeys(named + summary))
     return {key: [run.metrics.get(key) for run in runs] for key in chosen}
 
 
@@ -151,26 +174,34 @@ def plot_curves(
     curves: dict[str, dict[str, list[tuple[int, float]]]],
     runs: Sequence[RunSummary],
     path: str | Path,
+    panels: dict[str, list[str]] | None = None,
 ) -> Path:
-    """One panel per metric, one line per run, against the step; written as PNG."""
+    """One panel per metric, one line per run, against the step; written as PNG. ``panels``
+    ({title: metrics}, default one per metric of ``curves``) puts several metrics in one
+    panel (a pattern's matches): one line per run and metric."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: write files only
     import matplotlib.pyplot as plt
 
     names = {run.run_id: f"{run.name} ({run.run_id[:8]})" for run in runs}
-    figure, axes = plt.subplots(len(curves), 1, figsize=(7, 3 * max(1, len(curves))), squeeze=False)
-    for axis, (metric, by_run) in zip(axes[:, 0], curves.items(), strict=True):
-        for run in runs:
-            points = by_run.get(run.run_id)
-            if points:
+    panels = panels if panels is not None else {metric: [metric] for metric in curves}
+    figure, axes = plt.subplots(len(panels), 1, figsize=(7, 3 * max(1, len(panels))), squeeze=False)
+    for axis, (title, keys) in zip(axes[:, 0], panels.items(), strict=True):
+        drawn = False
+        for key in keys:
+            for run in runs:
+                points = curves.get(key, {}).get(run.run_id)
+                if not points:
+                    continue
+                label = names[run.run_id] + (f" {key}" if keys != [title] else "")
                 steps, values = zip(*points, strict=True)
-                axis.plot(steps, values, marker="o" if len(points) < 20 else None,
-                          label=names[run.run_id])  # fmt: skip
-        axis.set_title(metric)
+                axis.plot(steps, values, marker="o" if len(points) < 20 else None, label=label)
+                drawn = True
+        axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-        if by_run:
+        if drawn:
             axis.legend(fontsize="small")
         else:
             axis.text(0.5, 0.5, "not logged by these runs", ha="center", transform=axis.transAxes)
@@ -194,7 +225,8 @@ def compare_runs(
     all_metrics: bool = False,
 ) -> tuple[str, Path]:
     """The printed comparison (params that differ, final metrics) and the curves' PNG.
-    ``metrics`` named must be logged by some run; None plots DEFAULT_METRICS, as there are."""
+    ``metrics`` (names or ``*`` patterns) must each match a metric some run logged; None
+    plots DEFAULT_METRICS, as there are."""
     runs = select_runs(client, run_ids=run_ids, experiment=experiment,
                        filter_string=filter_string, max_runs=max_runs)  # fmt: skip
     if metrics is None:
@@ -207,5 +239,7 @@ def compare_runs(
             format_table("final metric", final_metrics(runs, metrics, all_metrics), runs),
         ]
     )
-    path = plot_curves(metric_curves(client, runs, metrics), runs, out)
+    panels = expand_metrics(runs, metrics)
+    keys = list(dict.fromkeys(key for found in panels.values() for key in found))
+    path = plot_curves(metric_curves(client, runs, keys), runs, out, panels=panels)
     return text, path

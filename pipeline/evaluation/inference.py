@@ -146,11 +146,25 @@ class RankOutput:
     seconds: float = 0.0
 
 
+def relabel(detection: dict[str, Tensor], labels: dict[int, int]) -> dict[str, Tensor]:
+    """The detections of the outputs that ``labels`` maps, with their labels mapped (a COCO
+    model's index 42 -> the dataset's 3); the others (categories the dataset lacks) dropped."""
+    size = max(labels, default=0) + 1
+    table = torch.zeros(size, dtype=torch.long, device=detection["labels"].device)
+    for index, target in labels.items():
+        table[index] = target
+    found = detection["labels"]
+    mapped = torch.where(found < size, table[found.clamp(max=size - 1)], 0)
+    keep = mapped > 0
+    return {**{key: value[keep] for key, value in detection.items()}, "labels": mapped[keep]}
+
+
 def run_inference(
     predict: Predictor,
     loader,
     *,
     contiguous_to_coco: dict[int, int],
+    labels: dict[int, int] | None = None,
     mask_threshold: float,
     iou_types: Sequence[str],
     num_pictures: int = 0,
@@ -158,13 +172,16 @@ def run_inference(
     progress: bool = False,
 ) -> RankOutput:
     """Run ``predict`` over every batch of ``loader`` (this rank's share) and collect COCO
-    results; the first ``num_pictures`` images are kept for drawing."""
+    results; the first ``num_pictures`` images are kept for drawing. ``labels`` maps the
+    model's outputs to the dataset's contiguous indices (None: the same)."""
     output = RankOutput(results={iou_type: [] for iou_type in iou_types})
     start = time.perf_counter()
     bar = tqdm(total=len(loader), desc="evaluating", unit="batch", disable=not progress)
     for images, targets in loader:
         sizes = [tuple(target["orig_size"]) for target in targets]
         detections = predict(images, sizes)
+        if labels is not None:
+            detections = [relabel(detection, labels) for detection in detections]
         for image, target, detection in zip(images, targets, detections, strict=True):
             image_id = int(target["image_id"])
             results, binary = coco_results(

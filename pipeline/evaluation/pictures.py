@@ -1,12 +1,14 @@
 """PNG pictures of validation images: the ground truth on the left, the predictions (masks,
-boxes, class names and scores) on the right, both in original image coordinates."""
+boxes, class names and scores) on the right, both in original image coordinates; and
+:func:`draw_detections`, one image's detections drawn at its own size (``launch/predict.py``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
 from .inference import Picture
@@ -32,29 +34,85 @@ def display_scale(height: int, width: int) -> int:
     return max(1, MIN_DISPLAY // max(height, width))
 
 
+def blend_masks(image: np.ndarray, masks, colours) -> np.ndarray:
+    """``image`` (uint8 [H, W, 3]) with each bool mask [H, W] blended in its colour. Each mask
+    is blended inside its own bounding window only: a photo's full-size masks would otherwise
+    cost a pass over every pixel each."""
+    out = image.copy()
+    for mask, colour in zip(masks, colours, strict=True):
+        if mask is None:
+            continue
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if rows.size == 0:
+            continue
+        window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        region, inside = out[window], mask[window]  # region is a view: writes go to out
+        blended = (1 - MASK_ALPHA) * region[inside] + MASK_ALPHA * np.array(colour)
+        region[inside] = blended.round().astype(np.uint8)
+    return out
+
+
+def draw_boxes(
+    draw: ImageDraw.ImageDraw,
+    boxes: Sequence[Sequence[float]],
+    colours: Sequence[tuple[int, int, int]],
+    captions: Sequence[str],
+    *,
+    scale: int = 1,
+    top: int = 0,
+    width: int = 2,
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont | None = None,
+) -> None:
+    """Outline each box (xyxy, image pixels; drawn ``scale`` times larger, ``top`` pixels
+    lower) and write its caption on a patch of its colour in its top-left corner."""
+    for box, colour, caption in zip(boxes, colours, captions, strict=True):
+        x1, y1, x2, y2 = (v * scale for v in box)
+        y1, y2 = y1 + top, y2 + top
+        draw.rectangle((x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)), outline=colour, width=width)
+        label = draw.textbbox((x1 + width, y1 + width), caption, font=font)
+        draw.rectangle((label[0] - 1, label[1] - 1, label[2] + 1, label[3] + 1), fill=colour)
+        draw.text((x1 + width, y1 + width), caption, fill=(0, 0, 0), font=font)
+
+
 def _panel(image: np.ndarray, masks, boxes, colours, captions, title: str) -> Image.Image:
     """One annotated panel: masks blended in, boxes outlined, captions over the boxes."""
-    canvas = image.astype(np.float32)
-    for mask, colour in zip(masks, colours, strict=True):
-        if mask is not None:
-            canvas[mask] = (1 - MASK_ALPHA) * canvas[mask] + MASK_ALPHA * np.array(colour)
     height, width = image.shape[:2]
     k = display_scale(height, width)
-    shown = Image.fromarray(canvas.round().astype(np.uint8)).resize(
+    shown = Image.fromarray(blend_masks(image, masks, colours)).resize(
         (width * k, height * k), Image.Resampling.NEAREST
     )
     panel = Image.new("RGB", (width * k, height * k + TITLE_HEIGHT), (255, 255, 255))
     panel.paste(shown, (0, TITLE_HEIGHT))
     draw = ImageDraw.Draw(panel)
     draw.text((2, 1), title, fill=(0, 0, 0))
-    for box, colour, caption in zip(boxes, colours, captions, strict=True):
-        x1, y1, x2, y2 = (v * k for v in box)
-        top, bottom = y1 + TITLE_HEIGHT, y2 + TITLE_HEIGHT
-        draw.rectangle((x1, top, max(x1, x2 - 1), max(top, bottom - 1)), outline=colour, width=2)
-        label = draw.textbbox((x1 + 2, top + 2), caption)
-        draw.rectangle((label[0] - 1, label[1] - 1, label[2] + 1, label[3] + 1), fill=colour)
-        draw.text((x1 + 2, top + 2), caption, fill=(0, 0, 0))
+    draw_boxes(draw, boxes, colours, captions, scale=k, top=TITLE_HEIGHT)
     return panel
+
+
+def draw_detections(
+    image: np.ndarray,
+    *,
+    boxes: Sequence[Sequence[float]],
+    labels: Sequence[int],
+    scores: Sequence[float],
+    masks: np.ndarray | None,
+    class_names: Sequence[str],
+) -> Image.Image:
+    """One image (uint8 [H, W, 3]) at its own size with its detections: masks (bool
+    [N, H, W]) blended in, boxes (xyxy) outlined and captioned ``name score``, a colour per
+    output index. Lines and captions grow with the image, so that they stay readable on a
+    12-megapixel photo shown scaled down."""
+    longer = max(image.shape[:2])
+    font = ImageFont.load_default(size=max(11, longer // 60)) if longer > 640 else None
+    colours = [_colour(int(label)) for label in labels]
+    masks_or_none = list(masks) if masks is not None else [None] * len(colours)
+    picture = Image.fromarray(blend_masks(image, masks_or_none, colours))
+    pairs = zip(labels, scores, strict=True)
+    captions = [f"{class_names[int(label)]} {score:.2f}" for label, score in pairs]
+    draw_boxes(
+        ImageDraw.Draw(picture), boxes, colours, captions, width=max(2, longer // 400), font=font
+    )
+    return picture
 
 
 def draw_picture(

@@ -8,7 +8,12 @@ the manifest's total minus that, so the two always add up. The failures are list
 sample the loader could not decode by its file name, each shard that broke off with the
 count it lost, and the ground-truth images that no rank returned. COCOeval runs on the
 evaluated images only (its ``imgIds`` and the ground truth are restricted to them), so an
-unreadable image is neither a miss nor a false positive.
+unreadable image is neither a miss nor a false positive. The images of the annotation file
+that the shard build skipped (a corrupt file: the shards' skipped.json lists them) are not in
+the manifest's total; their count is ``images_skipped_by_shard_build``, and said.
+
+metrics.json names the dataset (``"dataset"``: ``--name``, else the shards' name), which keys
+the MLflow metrics (``shapes_val/segm/AP``).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.data.manifest import ShardManifest
+from pipeline.data.manifest import ShardManifest, safe_name
 
 from .coco_eval import CocoScores, category_table, coco_evaluate, subset_ground_truth, summary_lines
 from .inference import RankOutput
@@ -106,8 +111,10 @@ def score_outputs(
     out_dir: str | Path,
     checkpoint: str = "",
     step: int | None = None,
+    dataset: str | None = None,
 ) -> EvalReport:
-    """Score the gathered outputs, print the summary and write the files into ``out_dir``."""
+    """Score the gathered outputs, print the summary and write the files into ``out_dir``.
+    ``dataset`` names the data, made safe (default: the manifest's name)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     evaluated, failures = account_images(gt, outputs)
@@ -115,11 +122,15 @@ def score_outputs(
     gt_evaluated = subset_ground_truth(gt, evaluated)
     seconds = max((output.seconds for output in outputs), default=0.0)
     metrics: dict = {
+        "dataset": safe_name(dataset or "") or manifest.name,
+        "shards": str(manifest.root),
         "checkpoint": checkpoint,
         "step": step,
         "images_total": manifest.total_samples,
         "images_evaluated": len(evaluated),
         "images_failed": manifest.total_samples - len(evaluated),
+        "images_skipped_by_shard_build": manifest.skipped_images,
+        "source_file": manifest.source_file,
         "failures": failures,
         "ground_truth_problems": gt_problems,
         "world_size": len(outputs),
@@ -162,10 +173,18 @@ def score_outputs(
 
 def print_summary(metrics: dict, scores: dict[str, CocoScores]):
     lines = [
-        f"evaluated {metrics['images_evaluated']} of {metrics['images_total']} images "
-        f"({metrics['images_failed']} failed) from {metrics['checkpoint']} "
-        f"(step {metrics['step']}), {metrics['images_per_s']:.1f} images/s"
+        f"{metrics['dataset']}: evaluated {metrics['images_evaluated']} of "
+        f"{metrics['images_total']} images ({metrics['images_failed']} failed) "
+        f"from {metrics['checkpoint']} (step {metrics['step']}), "
+        f"{metrics['images_per_s']:.1f} images/s"
     ]
+    skipped = metrics["images_skipped_by_shard_build"]
+    if skipped:
+        lines.append(
+            f"  not in the shards: {skipped} more image{'s' if skipped > 1 else ''} of "
+            f"{metrics['source_file']}, skipped by the shard build (see "
+            f"{Path(metrics['shards']) / 'skipped.json'})"
+        )
     for record in metrics["failures"]:
         what = record["image"] or f"{record['count']} samples of {record['shard']}"
         lines.append(f"  not evaluated: {what}: {record['reason']}")

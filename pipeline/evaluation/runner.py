@@ -27,9 +27,15 @@ from pipeline.data import build_val_loader, read_manifest
 from pipeline.data.ground_truth import read_ground_truth
 from pipeline.distributed import DistInfo, device_for
 from pipeline.modeling import model_args_from_config
-from pipeline.rundir import FINISHED, entry_step, list_entries, read_latest
+from pipeline.rundir import FINISHED, entry_name, entry_step, list_entries, read_latest
 
-from .checkpoints import CheckpointError, LoadedCheckpoint, build_eval_model, load_checkpoint
+from .checkpoints import (
+    CheckpointError,
+    LoadedCheckpoint,
+    build_eval_model,
+    dataset_labels,
+    load_checkpoint,
+)
 from .coco_eval import IOU_TYPES, resolve_backend
 from .inference import ModelPredictor, run_inference
 from .report import METRICS_FILE, EvalReport, EvalSettings, score_outputs
@@ -62,28 +68,40 @@ def _agree(ok: bool, message: str, info: DistInfo) -> str:
     return next((m for m in all_gather_objects("" if ok else message) if m), "")
 
 
+def fallback_args(cfg: Config, manifest) -> dict:
+    """The config's model arguments, for a checkpoint that records none: model.num_classes=auto
+    takes the validation shards' class count (a number is kept, and checked against it)."""
+    auto = cfg.model.num_classes == "auto"
+    return model_args_from_config(cfg, num_classes=manifest.num_classes if auto else None)
+
+
 def load_model_everywhere(cfg: Config, checkpoint: str | Path, info: DistInfo, manifest):
-    """(checkpoint, model) on every rank, or the same CheckpointError on every rank."""
-    loaded, model, message = None, None, ""
+    """(checkpoint, model, model output index -> the val shards' contiguous index) on every
+    rank, or the same CheckpointError on every rank."""
+    loaded, model, labels, message = None, None, None, ""
     try:
         loaded = load_checkpoint(checkpoint)
         model = build_eval_model(
             loaded,
-            num_classes=manifest.num_classes,
-            class_source=f"data.val_shards ({manifest.root})",
             inference_args={
                 "min_size_test": cfg.input.min_size_test,
                 "max_size_test": cfg.input.max_size_test,
                 "channels_last": cfg.model.channels_last,
             },
-            fallback_args=model_args_from_config(cfg) if loaded.model_args is None else None,
+            fallback_args=fallback_args(cfg, manifest) if loaded.model_args is None else None,
+        )
+        labels = dataset_labels(
+            loaded, model.model_args["num_classes"], manifest, f"data.val_shards ({manifest.root})"
         )
     except CheckpointError as error:
         message = str(error)
     message = _agree(not message, message, info)
     if message:
         raise CheckpointError(message)
-    return loaded, model
+    if info.is_main and loaded.label_map is not None:
+        log.info("categories: %d of the model's outputs serve the %d of the val shards",
+                 len(labels), len(manifest.categories))  # fmt: skip
+    return loaded, model, labels
 
 
 def evaluate_loaded(
@@ -94,9 +112,13 @@ def evaluate_loaded(
     info: DistInfo,
     *,
     settings: EvalSettings | None = None,
+    labels: dict[int, int] | None = None,
+    dataset: str | None = None,
 ) -> EvalReport | None:
     """Run ``predict`` over this rank's share, gather on rank 0 and score there (returns the
-    report on rank 0, None elsewhere)."""
+    report on rank 0, None elsewhere). ``labels`` maps the model's outputs to the val
+    shards' contiguous indices (None: they are the same). ``dataset`` names the data in the
+    metrics (default: the val shards' name)."""
     settings = settings or build_eval_settings(cfg)
     manifest = read_manifest(cfg.data.val_shards)
     loader = build_val_loader(
@@ -105,6 +127,7 @@ def evaluate_loaded(
     output = run_inference(
         predict, loader,
         contiguous_to_coco=manifest.contiguous_to_coco,
+        labels=labels,
         mask_threshold=settings.mask_threshold,
         iou_types=settings.iou_types,
         num_pictures=settings.num_pictures if info.is_main else 0,
@@ -117,7 +140,7 @@ def evaluate_loaded(
     gt, gt_problems = read_ground_truth(cfg.data.val_shards)
     return score_outputs(
         outputs, gt=gt, gt_problems=gt_problems, manifest=manifest, settings=settings,
-        out_dir=out_dir, checkpoint=str(loaded.path), step=loaded.step,
+        out_dir=out_dir, checkpoint=str(loaded.path), step=loaded.step, dataset=dataset,
     )  # fmt: skip
 
 
@@ -128,15 +151,19 @@ def evaluate_checkpoint(
     info: DistInfo,
     *,
     tracking_dir: str | Path | None = None,
+    dataset: str | None = None,
 ) -> EvalReport | None:
     """Evaluate one checkpoint into ``out_dir`` and log it to MLflow (rank 0 returns the
     report). A missing or incompatible checkpoint raises CheckpointError on every rank.
-    ``tracking_dir`` (default ``out_dir``) keeps the run.json of an "eval" MLflow run."""
+    ``tracking_dir`` (default ``out_dir``) keeps the run.json of an "eval" MLflow run;
+    ``dataset`` keys the metrics (default: the val shards' name)."""
     settings = build_eval_settings(cfg)
     manifest = read_manifest(cfg.data.val_shards)
-    loaded, model = load_model_everywhere(cfg, checkpoint, info, manifest)
+    loaded, model, labels = load_model_everywhere(cfg, checkpoint, info, manifest)
     predict = ModelPredictor(model, device_for(info), mask_threshold=settings.mask_threshold)
-    report = evaluate_loaded(cfg, loaded, predict, out_dir, info, settings=settings)
+    report = evaluate_loaded(
+        cfg, loaded, predict, out_dir, info, settings=settings, labels=labels, dataset=dataset
+    )
     del predict, model
     if report is not None:
         log_evaluation(cfg, loaded, report, tracking_dir or out_dir)
@@ -152,20 +179,32 @@ def checkpoint_entries(checkpoint_dir: Path) -> list[str]:
     return [path.name for path in list_entries(checkpoint_dir)]
 
 
-def next_to_evaluate(checkpoint_dir: Path, done: set[str]) -> tuple[str | None, bool]:
+def output_name(entry: str) -> str:
+    """The output folder of a checkpoint entry: named by its step (``step_0000400.pt`` and
+    the DeepSpeed directory ``step_0000400`` both -> ``step_0000400``)."""
+    step = entry_step(entry)
+    return entry if step is None else entry_name(step, directory=True)
+
+
+def next_to_evaluate(
+    checkpoint_dir: Path, done: set[str], *, only_latest: bool = False
+) -> tuple[str | None, bool]:
     """(the oldest entry up to ``latest`` not yet evaluated, whether training finished and
-    nothing is left). FINISHED is read before ``latest``: training writes it last, so a
-    FINISHED seen first means the ``latest`` read after it is the final checkpoint."""
+    nothing is left); ``done`` names the entries or output folders evaluated, matched by
+    step. ``only_latest``: ``latest`` or nothing. FINISHED is read before ``latest``:
+    training writes it last, so a FINISHED seen first means the ``latest`` read after it is
+    the final checkpoint."""
     finished = (checkpoint_dir / FINISHED).exists()
     latest = read_latest(checkpoint_dir) or ""
     if entry_step(latest) is None:
         return None, False
+    done_steps = {entry_step(name) for name in done}
     pending = [
         name
-        for name in checkpoint_entries(checkpoint_dir)
-        if name not in done and entry_step(name) <= entry_step(latest)
+        for name in ([] if only_latest else checkpoint_entries(checkpoint_dir))
+        if entry_step(name) not in done_steps and entry_step(name) <= entry_step(latest)
     ]
-    if latest not in done and latest not in pending:
+    if entry_step(latest) not in done_steps and latest not in pending:
         pending.append(latest)  # named by latest but listed under another name (odd): try it
     if pending:
         return pending[0], False
@@ -180,15 +219,24 @@ def watch_training(
     *,
     poll_s: float | None = None,
     idle_timeout_s: float | None = None,
+    all_checkpoints: bool = False,
+    dataset: str | None = None,
 ) -> list[EvalReport]:
     """Evaluate each checkpoint of the training run in ``train_dir`` as it appears, into
-    ``out_dir/<entry>/``, until training has written FINISHED and its latest checkpoint is
-    evaluated (or nothing new came for ``idle_timeout_s``, when positive). A checkpoint that
-    was evaluated before (its metrics.json exists) is not evaluated again."""
+    ``out_dir/step_N/``, until training has written FINISHED and its latest checkpoint is
+    evaluated (or nothing new came for ``idle_timeout_s``, when positive). A run that had
+    finished before the watch began gets its final checkpoint evaluated only, unless
+    ``all_checkpoints``. A checkpoint that was evaluated before (its metrics.json exists,
+    also under the folder name ``step_N.pt`` of before) is not evaluated again."""
     poll_s = cfg.eval.watch_poll_s if poll_s is None else poll_s
     idle_timeout_s = cfg.eval.watch_idle_timeout_s if idle_timeout_s is None else idle_timeout_s
     checkpoint_dir, out_dir = Path(train_dir) / "checkpoints", Path(out_dir)
     done = {p.parent.name for p in out_dir.glob(f"*/{METRICS_FILE}")}
+    done = {name for name in done if entry_step(name) is not None}
+    only_latest = not all_checkpoints and info.is_main and (checkpoint_dir / FINISHED).exists()
+    if only_latest:
+        print(f"watch: training in {train_dir} has finished: evaluating its final checkpoint "
+              "only (--all-checkpoints: every one it kept)", flush=True)  # fmt: skip
     reports: list[EvalReport] = []
     last_news = time.monotonic()
     # The other ranks wait in this handshake while rank 0 polls, scores and uploads, for
@@ -198,7 +246,7 @@ def watch_training(
     while True:
         decision = None
         if info.is_main:
-            name, finished = next_to_evaluate(checkpoint_dir, done)
+            name, finished = next_to_evaluate(checkpoint_dir, done, only_latest=only_latest)
             if name is not None:
                 decision = ("evaluate", name)
             elif finished:
@@ -221,8 +269,9 @@ def watch_training(
             print(f"watch: evaluating {checkpoint_dir / detail}", flush=True)
         try:
             report = evaluate_checkpoint(
-                cfg, checkpoint_dir / detail, out_dir / detail, info, tracking_dir=out_dir
-            )
+                cfg, checkpoint_dir / detail, out_dir / output_name(detail), info,
+                tracking_dir=out_dir, dataset=dataset,
+            )  # fmt: skip
         except CheckpointError as error:  # e.g. deleted by the rotation meanwhile
             if info.is_main:
                 log.warning("watch: skipped %s: %s", detail, error)

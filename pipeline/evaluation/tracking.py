@@ -1,10 +1,13 @@
 """The evaluation's MLflow logging: into the training run that made the checkpoint.
 
 The checkpoint's ``"tracking"`` names that run (``run_id``, ``uri``). Its metrics are logged
-there at the checkpoint's step, named ``eval/<iou type>/<stat>`` (``eval/segm/AP``), so that
-a watcher beside training draws an AP-against-step curve in the training run itself; the
-run is tagged ``eval.last_step`` / ``eval.checkpoint``. The files (metrics.json, bbox.json,
-segm.json) and the pictures go under the artifact folder ``eval/<entry>/``. A checkpoint
+there at the checkpoint's step, keyed by the dataset as detectron2 does:
+``<dataset>/<iou type>/<stat>`` (``shapes_val/segm/AP``, ``shapes_val/segm/AP-circle``,
+``shapes_val/images_evaluated``), so that a watcher beside training draws an AP-against-step
+curve in the training run itself, and one checkpoint evaluated on two datasets keeps both
+series. The run is tagged ``eval.last_step`` / ``eval.checkpoint``. The files (metrics.json,
+bbox.json, segm.json) and the pictures go under the artifact folder
+``eval/<dataset>/<checkpoint>/`` (``eval/shapes_val/step_0000400/``). A checkpoint
 without a run (a converted torchvision model, tracking off in training), or whose run
 cannot be reached, is logged into a run of the stage "eval" kept in the evaluation's output
 directory (its run.json), which the checkpoints of one --watch share. Like all tracking,
@@ -23,7 +26,16 @@ from .report import EvalReport
 
 log = logging.getLogger(__name__)
 
-METRIC_PREFIX = "eval/"
+
+def metric_prefix(dataset: str) -> str:
+    """``shapes_val/``: what the dataset's metric keys start with."""
+    return f"{dataset}/"
+
+
+def artifact_folder(dataset: str, checkpoint: LoadedCheckpoint) -> str:
+    """``eval/shapes_val/step_0000400``: the checkpoint's entry name without ``.pt``."""
+    name = checkpoint.name.removesuffix(".pt") or checkpoint.name
+    return f"eval/{dataset}/{name}"
 
 
 def open_tracker(cfg: Config, checkpoint: LoadedCheckpoint, run_dir) -> tuple[Tracker, bool]:
@@ -58,12 +70,14 @@ def log_evaluation(
         return None
     tracker, _ = open_tracker(cfg, checkpoint, run_dir)
     step = checkpoint.step if checkpoint.step is not None else 0
-    metrics = {METRIC_PREFIX + key: value for key, value in report.scalar_metrics().items()}
+    dataset = report.metrics["dataset"]
+    prefix = metric_prefix(dataset)
+    metrics = {prefix + key: value for key, value in report.scalar_metrics().items()}
     tracker.log_metrics(metrics, step=step)
     tracker.set_tags(
         {"eval.last_step": step, "eval.checkpoint": str(checkpoint.path), "evaluated": "true"}
     )
-    folder = f"eval/{checkpoint.name}"
+    folder = artifact_folder(dataset, checkpoint)
     for path in report.files:
         tracker.log_artifact(path, folder)
     for path in report.pictures:

@@ -4,17 +4,34 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 
 from .mask_rcnn import MaskRCNN
 
 
-def model_args_from_config(cfg: Config) -> dict[str, Any]:
-    """Explicit :class:`MaskRCNN` keyword arguments for ``cfg.model`` and ``cfg.input``."""
+def resolve_num_classes(configured: int | str, num_classes: int | None) -> int:
+    """The class count of the model: ``num_classes`` (what the data has, which the caller
+    read) when given, else ``model.num_classes``, which then must be a number."""
+    if num_classes is None:
+        if configured == "auto":
+            raise ConfigError(
+                "model.num_classes=auto: the class count comes from the data; pass "
+                "num_classes= (the shard manifest's num_classes) or set model.num_classes"
+            )
+        return int(configured)
+    if configured != "auto" and int(configured) != num_classes:
+        raise ConfigError(f"model.num_classes={configured} but num_classes={num_classes} given")
+    return int(num_classes)
+
+
+def model_args_from_config(cfg: Config, *, num_classes: int | None = None) -> dict[str, Any]:
+    """Explicit :class:`MaskRCNN` keyword arguments for ``cfg.model`` and ``cfg.input``.
+    ``num_classes`` (categories + background) is required when ``model.num_classes`` is
+    ``auto``; the train and eval stages read it from the shard manifest."""
     m, inp = cfg.model, cfg.input
     rpn, roi = m.rpn, m.roi_heads
     return {
-        "num_classes": m.num_classes,
+        "num_classes": resolve_num_classes(m.num_classes, num_classes),
         "depth": m.backbone.depth,
         "frozen_stages": m.backbone.frozen_stages,
         "fpn_channels": m.backbone.fpn_channels,
@@ -65,8 +82,9 @@ def model_args_from_config(cfg: Config) -> dict[str, Any]:
     }
 
 
-def build_model(cfg: Config) -> MaskRCNN:
-    """The freshly initialised Mask R-CNN of ``cfg``. Weights are the train stage's business
+def build_model(cfg: Config, *, num_classes: int | None = None) -> MaskRCNN:
+    """The freshly initialised Mask R-CNN of ``cfg`` (``num_classes`` as for
+    :func:`model_args_from_config`). Weights are the train stage's business
     (``train.init_from`` through :func:`~pipeline.modeling.weights.load_init_weights`, resume
     through :func:`~pipeline.modeling.weights.load_strict_state`)."""
-    return MaskRCNN(**model_args_from_config(cfg))
+    return MaskRCNN(**model_args_from_config(cfg, num_classes=num_classes))

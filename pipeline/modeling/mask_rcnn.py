@@ -263,12 +263,24 @@ class MaskRCNN(nn.Module):
 
     # ---- checkpoints ----
 
-    def checkpoint(self, source: str = "pipeline") -> dict[str, Any]:
-        """The checkpoint dict: ``{"model": state_dict, "model_args": kwargs, "source": ...}``."""
-        return {"model": self.state_dict(), "model_args": dict(self.model_args), "source": source}
+    def checkpoint(
+        self, source: str = "pipeline", label_map: list[dict] | None = None
+    ) -> dict[str, Any]:
+        """The checkpoint dict: ``{"model": state_dict, "model_args": kwargs, "source": ...}``
+        and, when given, ``"label_map"`` (see :mod:`~pipeline.modeling.label_map`)."""
+        checkpoint = {
+            "model": self.state_dict(),
+            "model_args": dict(self.model_args),
+            "source": source,
+        }
+        if label_map is not None:
+            checkpoint["label_map"] = label_map
+        return checkpoint
 
-    def save_checkpoint(self, path: str | os.PathLike, source: str = "pipeline") -> None:
-        torch.save(self.checkpoint(source), path)
+    def save_checkpoint(
+        self, path: str | os.PathLike, source: str = "pipeline", label_map: list[dict] | None = None
+    ) -> None:
+        torch.save(self.checkpoint(source, label_map), path)
 
     @classmethod
     def from_checkpoint(cls, path_or_checkpoint: str | os.PathLike | Mapping[str, Any]) -> MaskRCNN:

@@ -15,6 +15,13 @@ Every tensor that fits is loaded; the others are skipped with a reason (another 
 the class-specific predictors of another class count; a key the model does not have; a
 BatchNorm of the file where the model has a GroupNorm ...), and the model's tensors that got
 nothing keep their fresh initialisation. The :class:`InitReport` says which is which.
+
+The class-specific predictors (classifier, box regression, mask logits) are taken row by
+row when the file says what its outputs mean (a checkpoint's ``label_map``; torchvision's
+91-output COCO model) and the model's categories are given: the rows of the categories they
+share, matched by id and name (:func:`~pipeline.modeling.label_map.match_categories`), go
+to the model's rows of those categories, so that a COCO model started on a dataset of some
+COCO categories keeps what it knows of them; the other rows keep their fresh init.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .label_map import LABEL_MAP_KEY, LabelMap, LabelMapError, match_categories
 from .mask_rcnn import MaskRCNN
 
 # How many names each summary line shows.
@@ -35,6 +43,13 @@ SUMMARY_NAMES = 4
 # Keys of a checkpoint dict that may hold the state dict, in order of preference.
 STATE_KEYS = ("model", "state_dict", "module")
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+# The class-specific tensors: rows per class (the classifier's may lack the background row
+# under the focal loss; the box regression has 4 rows per class).
+PREDICTOR_KEYS = tuple(
+    f"roi_heads.{module}.{name}"
+    for module in ("box_predictor.cls_score", "box_predictor.bbox_pred", "mask_head.logits")
+    for name in ("weight", "bias")
+)
 
 
 @dataclass
@@ -49,16 +64,21 @@ class InitReport:
     skipped: dict[str, str] = field(default_factory=dict)
     # Constructor arguments recorded in the file that differ from the model's (file, model).
     differing_args: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    categories: str | None = None
+    """Which categories' predictor rows came from the file, when matched by label map."""
 
     def summary_lines(self) -> list[str]:
-        """Three lines: loaded, new, skipped."""
+        """Three lines: loaded, new, skipped (and one on the categories when matched)."""
         new = _first(self.new)
         skipped = _first([f"{key} ({reason})" for key, reason in self.skipped.items()])
-        return [
+        lines = [
             f"loaded {len(self.loaded)} tensors ({self.kind})",
             f"new {len(self.new)} (fresh init){': ' + new if new else ''}",
             f"skipped {len(self.skipped)}{': ' + skipped if skipped else ''}",
         ]
+        if self.categories:
+            lines.append(f"predictor rows: {self.categories}")
+        return lines
 
 
 def _first(names: list[str]) -> str:
@@ -79,9 +99,12 @@ def _strip_module_prefix(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return dict(state)
 
 
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-    """The state dict held by the file at ``path`` (and the ``model_args`` recorded with it,
-    if any); a ValueError naming the path when the file holds none."""
+def read_state_dict(
+    path: str | os.PathLike,
+) -> tuple[dict[str, Tensor], dict[str, Any] | None, Any]:
+    """The state dict held by the file at ``path``, the ``model_args`` and the label map
+    (as recorded: a list of dicts) recorded with it, if any; a ValueError naming the path
+    when the file holds none."""
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -89,7 +112,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     except Exception as err:  # unpickling errors come in many types
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path}: not a PyTorch weights file ({reason})") from err
-    state, model_args = loaded, None
+    state, model_args, label_map = loaded, None, None
     if isinstance(loaded, Mapping):
         for key in STATE_KEYS:
             if isinstance(loaded.get(key), Mapping):
@@ -97,6 +120,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
                 break
         if isinstance(loaded.get("model_args"), Mapping):
             model_args = dict(loaded["model_args"])
+        label_map = loaded.get(LABEL_MAP_KEY)
     if not isinstance(state, Mapping) or not state:
         raise ValueError(
             f"{path}: not a state dict (expected a mapping of names to tensors, or a checkpoint "
@@ -108,7 +132,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
             raise ValueError(
                 f"{path}: not a state dict: entry {key!r} is a {type(value).__name__}, not a tensor"
             )
-    return _strip_module_prefix(state), model_args
+    return _strip_module_prefix(state), model_args, label_map
 
 
 def _our_names(
@@ -158,19 +182,84 @@ def _skip_reason(
     return None
 
 
-def load_init_weights(model: nn.Module, path: str | os.PathLike) -> InitReport:
+def _file_label_map(kind: str, state: dict, recorded: Any, path) -> LabelMap | None:
+    """What the file's outputs mean: its recorded map, or COCO's for torchvision's
+    91-output model; None when unknown."""
+    boxes = state.get("roi_heads.box_predictor.bbox_pred.weight")
+    if boxes is None:
+        return None
+    classes = boxes.shape[0] // 4  # 4 rows a class, background included, for any classifier
+    if recorded is not None:
+        try:
+            return LabelMap.from_json(recorded, classes, str(path))
+        except LabelMapError:
+            return None  # unusable: the predictors go by shape, as without a map
+    coco = LabelMap.torchvision_coco()
+    if kind == "torchvision Mask R-CNN" and classes == coco.num_classes:
+        return coco
+    return None
+
+
+def _class_rows(key: str, index: int, num_classes: int, rows: int) -> list[int]:
+    """The rows of class ``index`` in the predictor tensor ``key`` of ``rows`` rows."""
+    if rows == 4 * num_classes:
+        return list(range(4 * index, 4 * index + 4))
+    if rows == num_classes:
+        return [index]
+    if rows == num_classes - 1 and index > 0:  # focal classifier: no background row
+        return [index - 1]
+    return []
+
+
+def _remap_predictors(
+    converted: dict[str, Tensor], own: dict[str, Tensor], file_map: LabelMap, label_map: LabelMap
+) -> tuple[dict[str, Tensor], str]:
+    """The model's predictor tensors with the rows of the shared categories (and of the
+    background) taken from the file's, and a one-line account of the categories."""
+    match = match_categories(file_map, [{"id": c.id, "name": c.name} for c in label_map.categories])
+    to_model = {c.id: c.index for c in label_map.categories}
+    pairs = [(0, 0)] + [(index, to_model[cid]) for index, cid in match.index_to_id.items()]
+    tensors = {}
+    for key in PREDICTOR_KEYS:
+        if key not in converted or key not in own:
+            continue
+        mine, theirs = own[key].clone(), converted[key]
+        if mine.shape[1:] != theirs.shape[1:]:
+            continue  # another head width: nothing to take
+        for file_index, model_index in pairs:
+            source = _class_rows(key, file_index, file_map.num_classes, theirs.shape[0])
+            target = _class_rows(key, model_index, label_map.num_classes, mine.shape[0])
+            if len(source) == len(target) and source:
+                mine[target] = theirs[source].to(mine.dtype)
+        tensors[key] = mine
+    kept = len(match.index_to_id)
+    return tensors, f"kept {kept} of {len(label_map.categories)} categories: {match.summary()}"
+
+
+def load_init_weights(
+    model: nn.Module, path: str | os.PathLike, *, label_map: LabelMap | None = None
+) -> InitReport:
     """Initialise ``model`` (a :class:`MaskRCNN`) from the weights file at ``path`` with every
-    tensor that fits; see the module docstring for the accepted files. Raises ValueError
-    naming the path for a file that holds no state dict or of which nothing fits."""
-    state, recorded_args = read_state_dict(path)
+    tensor that fits; see the module docstring for the accepted files. ``label_map``: the
+    model's categories (the train shards'), to take the predictor rows by category. Raises
+    ValueError naming the path for a file that holds no state dict or of which nothing
+    fits."""
+    state, recorded_args, recorded_map = read_state_dict(path)
     kind, names = _our_names(state, path)
     converted = {names[key]: value for key, value in state.items() if names[key] is not None}
     own = model.state_dict()
     modules = dict(model.named_modules())
     report = InitReport(path=str(path), kind=kind)
+    file_map = _file_label_map(kind, converted, recorded_map, path)
+    by_category = {}
+    if file_map is not None and label_map is not None:
+        by_category, report.categories = _remap_predictors(converted, own, file_map, label_map)
     to_load = {}
     for file_key, value in state.items():
         key = names[file_key]
+        if key in by_category:
+            to_load[key] = by_category[key]
+            continue
         reason = (
             "BatchNorm bookkeeping"
             if key is None

@@ -145,3 +145,8 @@ def test_init_from_a_checkpoint_starts_a_fresh_schedule(engine_shards, tmp_path,
     )
     assert "init_from" in caplog.text
     assert checkpoint_state(out)["step"] == 1  # step 0 + 1, not 2 + 1
+    # The checkpoint says what its outputs mean, and init_from matched them by category.
+    assert [c["name"] for c in checkpoint_state(out)["label_map"]] == [
+        "circle", "square", "triangle",
+    ]  # fmt: skip
+    assert "predictor rows: kept 3 of 3 categories: 3 matched (3 by id)" in caplog.text

@@ -37,6 +37,13 @@ TINY_MODEL = dict(
 )  # fmt: skip
 
 
+def one_line(error) -> str:
+    """The message of a caught error (``pytest.raises``), checked to be one line."""
+    message = str(error.value)
+    assert "\n" not in message, message
+    return message
+
+
 def tiny_model(seed: int = 0) -> MaskRCNN:
     torch.manual_seed(seed)
     return MaskRCNN(**TINY_MODEL).eval()

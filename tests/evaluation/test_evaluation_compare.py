@@ -27,8 +27,9 @@ def two_runs(mlflow_server, tmp_path_factory):
             tracker.log_params({"train": {"lr": lr, "max_steps": 4}, "model": {"depth": 18}})
             for step in range(1, 5):
                 tracker.log_metrics({"loss/total": lr * 100 / step}, step=step)
-                if step % 2 == 0:
-                    tracker.log_metrics({"eval/segm/AP": step * lr}, step=step)
+                if step % 2 == 0:  # two datasets' evaluations of one checkpoint
+                    tracker.log_metrics({"shapes_val/segm/AP": step * lr}, step=step)
+                    tracker.log_metrics({"other_val/segm/AP": step * lr / 2}, step=step)
             ids.append(tracker.run_id)
     return ids
 
@@ -46,8 +47,11 @@ def test_compare_two_runs(two_runs, mlflow_server, tmp_path, capsys):
     assert not any(line.startswith(("model.depth", "train.max_steps")) for line in lines)
     loss_row = next(line for line in lines if line.startswith("loss/total"))
     assert loss_row.split()[1:] == ["0.5000", "0.2500"]  # the final values, side by side
-    ap_row = next(line for line in lines if line.startswith("eval/segm/AP"))
+    # By default every dataset's AP: a row per dataset, the runs side by side.
+    ap_row = next(line for line in lines if line.startswith("shapes_val/segm/AP"))
     assert ap_row.split()[1:] == ["0.0800", "0.0400"]
+    other_row = next(line for line in lines if line.startswith("other_val/segm/AP"))
+    assert other_row.split()[1:] == ["0.0400", "0.0200"]
     assert "fast (" in printed and "slow (" in printed
     with Image.open(out) as picture:
         picture.verify()
@@ -82,7 +86,25 @@ def test_an_unknown_metric_is_refused_naming_the_known_ones(two_runs, mlflow_ser
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1
     assert error[0].startswith("compare: error: --metrics: loss/totl: logged by none of the runs")
-    assert "eval/segm/AP, loss/total" in error[0]
+    assert "loss/total, other_val/segm/AP, shapes_val/segm/AP" in error[0]
+    # A pattern that matches nothing is refused the same way.
+    assert compare.main([*two_runs, "--uri", mlflow_server.uri, "--metrics", "*/segm/AR"]) == 2
+    assert "--metrics: */segm/AR: logged by none of the runs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_patterns_pick_every_datasets_metric(two_runs, mlflow_server, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.evaluation.compare import compare_runs
+
+    out = tmp_path / "ap.png"
+    text, _ = compare_runs(MlflowClient(tracking_uri=mlflow_server.uri), run_ids=two_runs,
+                           metrics=["other_*/segm/AP"], out=out)  # fmt: skip
+    rows = [line.split()[0] for line in text.splitlines()[text.splitlines().index("") + 1 :]]
+    assert rows[2] == "other_val/segm/AP"  # the pattern's matches first, then the summary
+    assert "shapes_val/segm/AP" in rows and "loss/total" in rows
+    assert out.stat().st_size > 0
 
 
 class FakeClient:

@@ -9,6 +9,8 @@ from evaluation_helpers import GroundTruthEcho, damaged_copy, eval_config
 from pipeline.config import ConfigError
 from pipeline.data import build_val_loader, read_manifest
 from pipeline.data.ground_truth import read_ground_truth
+from pipeline.data.shapes import make_shapes_dataset
+from pipeline.data.sharding import build_shards
 from pipeline.distributed import DistInfo
 from pipeline.evaluation import build_eval_settings, evaluate_checkpoint
 from pipeline.evaluation.inference import run_inference
@@ -84,3 +86,30 @@ def test_bbox_only_and_bad_settings(eval_shards, tmp_path, checkpoint_file):
     assert {p.name for p in tmp_path.iterdir()} == {"metrics.json", "bbox.json", "pictures"}
     with pytest.raises(ConfigError, match=r"eval\.iou_types: \['keypoints'\]"):
         build_eval_settings(eval_config(eval_shards, "eval.iou_types=[keypoints]"))
+
+
+def test_images_the_shard_build_skipped_are_said_and_counted(tmp_path, checkpoint_file, capsys):
+    # "evaluated 4 of 4 images" said nothing of the image the shard build had left out.
+    make_shapes_dataset(tmp_path, 0, 5, 96, seed=4)
+    coco = json.loads((tmp_path / "annotations" / "instances_val.json").read_text())
+    (tmp_path / "images" / "val" / coco["images"][2]["file_name"]).write_bytes(b"not an image")
+    shards = tmp_path / "shards"
+    build_shards(tmp_path / "annotations" / "instances_val.json", tmp_path / "images" / "val",
+                 shards, shard_size=3, progress=False)  # fmt: skip
+    cfg = eval_config(shards, "eval.num_pictures=0")
+    report = evaluate_checkpoint(cfg, checkpoint_file, tmp_path / "out", DistInfo())
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (
+        metrics["images_skipped_by_shard_build"]
+        == 1
+        == report.metrics["images_skipped_by_shard_build"]
+    )
+    assert metrics["images_total"] == metrics["images_evaluated"] == 4
+    assert metrics["dataset"] == f"{tmp_path.name}_val"
+    lines = capsys.readouterr().out.splitlines()
+    first = next(i for i, line in enumerate(lines) if "evaluated 4 of 4 images" in line)
+    assert lines[first].startswith(f"{tmp_path.name}_val: evaluated 4 of 4 images (0 failed)")
+    assert lines[first + 1] == (
+        "  not in the shards: 1 more image of instances_val.json, skipped by the shard build "
+        f"(see {shards / 'skipped.json'})"
+    )

@@ -9,24 +9,34 @@ import pytest
 import torch
 from modeling_helpers import assert_same_detections, make_torchvision_maskrcnn, smooth_images
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, ConfigError, load_config
 from pipeline.modeling import MaskRCNN, build_model, model_args_from_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_build_default_config():
-    cfg = Config()
-    model = build_model(cfg)
+    cfg = Config()  # model.num_classes=auto: the caller gives the count the data has
+    model = build_model(cfg, num_classes=4)
     assert isinstance(model, MaskRCNN)
-    assert model.roi_heads.num_classes == cfg.model.num_classes == 4
+    assert model.roi_heads.num_classes == model.model_args["num_classes"] == 4
     assert model.roi_heads.box_predictor.cls_score.out_features == 4
     assert model.backbone.body.layer4[0].conv3.out_channels == 2048  # ResNet-50
     # frozen_stages=1: the stem is frozen, res2 trains.
     assert not model.backbone.body.conv1.weight.requires_grad
     assert model.backbone.body.layer1[0].conv1.weight.requires_grad
-    from_config = model_args_from_config(cfg)
+    from_config = model_args_from_config(cfg, num_classes=4)
     assert {key: model.model_args[key] for key in from_config} == from_config
+
+
+def test_num_classes_auto_needs_the_count_and_a_number_must_agree():
+    with pytest.raises(ConfigError, match=r"^model.num_classes=auto: .*pass num_classes="):
+        build_model(Config())
+    cfg = load_config(None, ["model.num_classes=81"])
+    assert model_args_from_config(cfg)["num_classes"] == 81
+    assert model_args_from_config(cfg, num_classes=81)["num_classes"] == 81
+    with pytest.raises(ConfigError, match=r"^model.num_classes=81 but num_classes=5 given$"):
+        model_args_from_config(cfg, num_classes=5)
 
 
 def test_build_small_config_runs():

@@ -95,7 +95,8 @@ def test_pipeline_shards_train_eval(slurm_cluster, shapes_root, tmp_path):
     assert "srun on 1 node(s) x 2 process(es)" in text
     assert "training ddp on 2 process(es)" in text
     assert "torch.distributed.run" not in text
-    assert "eval/segm/AP" in train.data.metrics
+    name = json.loads((shards / "val" / "index.json").read_text())["name"]
+    assert name == f"{shapes_root.name}_val" and f"{name}/segm/AP" in train.data.metrics
 
 
 def wait_until(predicate, timeout: float, what: str, logs=lambda: ""):
