@@ -20,7 +20,7 @@ from .boxes import (
     clip_boxes_to_image,
     nonsmall_box_mask,
 )
-from .fixed_size import Proposals, as_proposals, compact, top_kept
+from .fixed_size import Proposals, as_proposals, compact, nms_keep_per_image, top_kept
 from .losses import (
     PADDING_LOGIT,
     BoxLoss,
@@ -411,13 +411,7 @@ class RoIHeads(nn.Module):
         index, valid = compact(candidate, size)
         boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4))
         scores, labels = scores.gather(1, index), labels[index]
-        image = torch.arange(num_images, device=scores.device)[:, None]
-        keep = ops.nms_keep_mask(
-            boxes.reshape(-1, 4),
-            scores.reshape(-1),
-            self.nms_thresh,
-            torch.where(valid, image * self.num_classes + labels, -1).reshape(-1),
-        ).view_as(scores)
+        keep = nms_keep_per_image(boxes, scores, self.nms_thresh, torch.where(valid, labels, -1))
         order, kept = top_kept(scores, keep, self.detections_per_image)
         # The outputs cut to size: one read of the per-image counts (kept first in each row).
         counts = kept.sum(dim=1).tolist()

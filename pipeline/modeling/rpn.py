@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import ops
-
 from .boxes import (
     DEFAULT_BBOX_XFORM_CLIP,
     BoxCoder,
@@ -18,7 +16,7 @@ from .boxes import (
     nonsmall_box_mask,
 )
 from .conv import Conv2d
-from .fixed_size import Proposals, top_kept
+from .fixed_size import Proposals, nms_keep_per_image, top_kept
 from .losses import (
     PADDING_LOGIT,
     BoxLoss,
@@ -227,14 +225,9 @@ class RegionProposalNetwork(nn.Module):
         candidate = nonsmall_box_mask(boxes.reshape(-1, 4), self.min_size).view_as(scores) & (
             scores >= self.score_thresh
         )
-        # One NMS over the batch: a class per (image, level), the filtered-out boxes padding.
-        groups = rows * len(level_counts) + levels[None, :]
-        keep = ops.nms_keep_mask(
-            boxes.reshape(-1, 4),
-            scores.reshape(-1),
-            self.nms_thresh,
-            torch.where(candidate, groups, -1).reshape(-1),
-        ).view_as(scores)
+        # NMS per image and level; the filtered-out boxes are padding (class -1).
+        classes = torch.where(candidate, levels[None, :], -1)
+        keep = nms_keep_per_image(boxes, scores, self.nms_thresh, classes)
         order, valid = top_kept(scores, keep, self.post_nms_top_n[mode])
         return Proposals(boxes.gather(1, order[..., None].expand(-1, -1, 4)), valid)
 

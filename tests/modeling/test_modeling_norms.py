@@ -125,7 +125,9 @@ def test_trains_a_few_steps(norm, fpn_norm, head_norm):
     model.set_generator(torch.Generator().manual_seed(0))
     images, targets = tiny_batch()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    # lr 0.005: at 0.01 the frozen-BN model overshoots at its fifth step on this batch
+    # (2.77 -> 1.42 -> 2.59), with the sampler of issue #26 and the one before it alike.
+    optimizer = torch.optim.SGD(params, lr=0.005, momentum=0.9)
     history = []
     for _ in range(8):
         loss = sum(model(images, targets).values())
