@@ -61,11 +61,20 @@ def _device_tensor_place(tensor: torch.Tensor) -> torch.device:
     return _tensor_device()
 
 
+def _to_collective_place(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of ``tensor`` in ``dtype`` where its collective runs. Non-blocking only on the
+    same device: a CUDA tensor copied to the CPU for gloo must have arrived before gloo reads
+    it, so that copy waits (a CUDA run under gloo pays that read; NCCL runs do not)."""
+    place = _device_tensor_place(tensor)
+    same = place == tensor.device
+    return tensor.to(place, dtype, non_blocking=same, copy=True)
+
+
 def mean_tensor_across_ranks(value: torch.Tensor) -> torch.Tensor:
     """``value`` (a tensor) averaged over the ranks, as a tensor on its device: no host read."""
     if world_size() == 1:
         return value
-    tensor = value.to(_device_tensor_place(value), torch.float64, non_blocking=True, copy=True)
+    tensor = _to_collective_place(value, torch.float64)
     dist.all_reduce(tensor)
     return (tensor / world_size()).to(value.device, value.dtype, non_blocking=True)
 
@@ -75,7 +84,7 @@ def any_rank_tensor(flag: torch.Tensor) -> torch.Tensor:
     (one tiny all-reduce; the caller reads it when it must)."""
     if world_size() == 1:
         return flag
-    tensor = flag.to(_device_tensor_place(flag), torch.float32, non_blocking=True, copy=True)
+    tensor = _to_collective_place(flag, torch.float32)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.to(flag.device, non_blocking=True) > 0
 

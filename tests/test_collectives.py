@@ -100,6 +100,7 @@ def test_no_collective_outside_the_helpers_and_the_strategies():
 WORKER = textwrap.dedent(
     """
     import sys
+    import torch
     from pipeline import collectives as c
     from pipeline.distributed import init_distributed, shutdown_distributed
     info = init_distributed(timeout_s=60)
@@ -113,6 +114,8 @@ WORKER = textwrap.dedent(
         c.gather_objects(f"r{r}"),
         c.broadcast_object("from rank 0" if r == 0 else None),
         c.broadcast_object("patient" if r == 0 else None, group=c.patient_cpu_group()),
+        c.any_rank_tensor(torch.tensor([r == 1, False])).tolist(),
+        c.mean_tensor_across_ranks(torch.tensor(r + 1.0)).item(),
     ]
     c.barrier()
     with open(f"{sys.argv[1]}/rank{r}.txt", "w") as handle:  # one file each: no interleaving
@@ -136,8 +139,8 @@ def test_helpers_under_two_real_processes(tmp_path):
     results = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     common = [2, [3.0, 10.0], 1.5, [True, False], [{"rank": 0}, {"rank": 1}]]
     assert results == [
-        repr([*common, ["r0", "r1"], "from rank 0", "patient"]),
-        repr([*common, None, "from rank 0", "patient"]),
+        repr([*common, ["r0", "r1"], "from rank 0", "patient", [True, False], 1.5]),
+        repr([*common, None, "from rank 0", "patient", [True, False], 1.5]),
     ]
 
 
@@ -150,3 +153,46 @@ def test_helpers_without_a_group_return_their_input():
     assert c.all_gather_objects("x") == ["x"] and c.gather_objects("x") == ["x"]
     assert c.broadcast_object("x") == "x" and c.patient_cpu_group() is None
     c.barrier()
+
+
+class RecordedTensor:
+    """Stands in for a CUDA tensor (none here): records where and how it is copied."""
+
+    def __init__(self, device: str, copies: list):
+        import torch
+
+        self.device = torch.device(device)
+        self.copies = copies
+
+    def to(self, device, dtype=None, non_blocking=False, copy=False):
+        self.copies.append((str(device), non_blocking))
+        return RecordedTensor(str(device), self.copies)
+
+    def __gt__(self, other):
+        return self
+
+
+@pytest.mark.parametrize(
+    ("backend", "place", "non_blocking"),
+    [
+        # NCCL serves CUDA tensors: the flag stays on its GPU and the copy is queued, no wait.
+        ("cpu:gloo,cuda:nccl", "cuda:3", True),
+        ("nccl", "cuda:3", True),
+        # gloo alone on a CUDA run: the flag must have reached the CPU before gloo reads it.
+        ("gloo", "cpu", False),
+    ],
+)
+def test_device_flags_go_where_the_backend_serves_them(monkeypatch, backend, place, non_blocking):
+    from pipeline import collectives as c
+
+    reduced = []
+    monkeypatch.setattr(c, "world_size", lambda: 2)
+    monkeypatch.setattr(c.dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(c.dist, "all_reduce", lambda t, op=None: reduced.append(str(t.device)))
+    monkeypatch.setattr(c.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(c.torch.cuda, "current_device", lambda: 3)
+    copies = []
+    c.any_rank_tensor(RecordedTensor("cuda:3", copies))
+    # There, reduced, and back to the flag's GPU (queued: a copy from the CPU waits anyway).
+    assert copies == [(place, non_blocking), ("cuda:3", True)]
+    assert reduced == [place]
