@@ -22,29 +22,12 @@ from pycocotools import mask as mask_utils
 from torch import Tensor
 from tqdm import tqdm
 
-from pipeline.modeling import MaskRCNN, paste_masks_in_image
-from pipeline.modeling.transform import resize_boxes
+from pipeline.modeling import MaskRCNN
+from pipeline.modeling.transform import to_original
 
 # (images, original sizes) -> one detection dict per image, in original coordinates; masks
 # [N, 1, H, W] as probabilities, or already thresholded (bool).
 Predictor = Callable[[list[Tensor], list[tuple[int, int]]], list[dict[str, Tensor]]]
-
-
-def to_original(
-    detections: list[dict[str, Tensor]],
-    image_sizes: Sequence[tuple[int, int]],
-    original_sizes: Sequence[tuple[int, int]],
-) -> list[dict[str, Tensor]]:
-    """Detections at the model's input sizes (boxes xyxy, masks [N, 1, M, M] probabilities
-    inside their boxes) -> boxes in, and masks [N, 1, H, W] pasted into, the original images."""
-    out = []
-    for detection, size, original in zip(detections, image_sizes, original_sizes, strict=True):
-        boxes = resize_boxes(detection["boxes"], size, original)
-        mapped = {**detection, "boxes": boxes}
-        if "masks" in detection:
-            mapped["masks"] = paste_masks_in_image(detection["masks"], boxes, original)
-        out.append(mapped)
-    return out
 
 
 @torch.inference_mode()

@@ -148,23 +148,30 @@ class ImagePreprocessor(nn.Module):
         original_sizes: list[tuple[int, int]],
     ) -> list[dict[str, Tensor]]:
         """Boxes rescaled to the original images, masks pasted into them ([N, 1, H, W])."""
-        plans = []
-        for detection, size, original in zip(detections, image_sizes, original_sizes, strict=True):
-            boxes = resize_boxes(detection["boxes"], size, original)
-            detection["boxes"] = boxes
-            if "masks" in detection:
-                plans.append(paste_sizes(detection["masks"], boxes, original)[1])
-        # One host read for the whole batch: the crop sizes of every detection's mask.
-        sizes = torch.cat(plans).tolist() if plans else []
-        start = 0
-        for detection, original in zip(detections, original_sizes, strict=True):
-            if "masks" in detection:
-                count = detection["masks"].shape[0]
-                detection["masks"] = paste_masks_in_image(
-                    detection["masks"],
-                    detection["boxes"],
-                    original,
-                    sizes=sizes[start : start + count],
-                )
-                start += count
-        return detections
+        return to_original(detections, image_sizes, original_sizes)
+
+
+def to_original(
+    detections: Sequence[dict[str, Tensor]],
+    image_sizes: Sequence[tuple[int, int]],
+    original_sizes: Sequence[tuple[int, int]],
+) -> list[dict[str, Tensor]]:
+    """Detections at the model's input sizes (boxes xyxy, masks [N, 1, M, M] probabilities
+    inside their boxes) -> new dicts with the boxes in, and the masks [N, 1, H, W] pasted into,
+    the original images. One host read for the whole batch: every mask's crop size."""
+    out, plans = [], []
+    for detection, size, original in zip(detections, image_sizes, original_sizes, strict=True):
+        boxes = resize_boxes(detection["boxes"], size, original)
+        out.append({**detection, "boxes": boxes})
+        if "masks" in detection:
+            plans.append(paste_sizes(detection["masks"], boxes, original)[1])
+    sizes = torch.cat(plans).tolist() if plans else []
+    start = 0
+    for mapped, original in zip(out, original_sizes, strict=True):
+        if "masks" in mapped:
+            count = mapped["masks"].shape[0]
+            mapped["masks"] = paste_masks_in_image(
+                mapped["masks"], mapped["boxes"], original, sizes=sizes[start : start + count]
+            )
+            start += count
+    return out
